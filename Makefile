@@ -1,0 +1,22 @@
+# Two entry points: `make demo` (the main job on its embedded default) and `make test`.
+# Each creates .venv and installs what it needs; torch 2.13.0 resolves to the CPU wheel on CPU machines.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_PACKAGES := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest
+
+$(VENV)/.installed: pyproject.toml setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(PIP_PACKAGES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+.PHONY: venv test demo
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m ceu.demo

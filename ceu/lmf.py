@@ -1,0 +1,103 @@
+"""The fused LM-head LMF forget loss: ``(max_j z_j - mean_j z_j)**2`` with ``z = W h + b``, never materialising z.
+
+The mean needs no GEMM: ``mean_j z_j = h . w_mean + b_mean``. The forward's only GEMM feeds a running max/argmax;
+the backward is the closed form ``dlogits = c (onehot(argmax) - 1/V)`` with ``c = 2 g (max - mean)``.
+"""
+from typing import NamedTuple
+
+import torch
+
+from . import backends, checks
+from .chunked import stat_dtype
+from .reference import reduce_tokens
+
+
+class LMFStats(NamedTuple):
+    """Per-token statistics of the logits (shaped like ``hidden.shape[:-1]``), computed by the forward anyway."""
+
+    max: torch.Tensor
+    mean: torch.Tensor
+    argmax: torch.Tensor
+
+
+class LinearLMFFunction(torch.autograd.Function):
+    """Per-token LMF loss on flattened inputs, zero where ``mask`` is False; returns ``(loss, max, mean, argmax)``.
+
+    Saves only the argmax, the gap ``max - mean`` per token and the weight's row mean, beside the inputs themselves.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, mask, vocab_size, backend, chunk_size):
+        acc = stat_dtype(hidden.dtype)
+        weight_mean = weight[:vocab_size].sum(0, dtype=acc) / vocab_size
+        row_max, argmax = backend.lmf_forward(hidden, weight, bias, vocab_size, chunk_size)
+        row_mean = hidden.to(acc) @ weight_mean
+        if bias is not None:
+            row_mean += bias[:vocab_size].sum(dtype=acc) / vocab_size
+        gap = row_max - row_mean
+        loss = gap.square()
+        if mask is not None:
+            loss = torch.where(mask, loss, 0.0)
+        ctx.save_for_backward(hidden, weight, argmax, gap, weight_mean, mask)
+        ctx.vocab_size, ctx.backend = vocab_size, backend
+        ctx.mark_non_differentiable(row_max, row_mean, argmax)
+        return loss, row_max, row_mean, argmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        hidden, weight, argmax, gap, weight_mean, mask = ctx.saved_tensors
+        coef = 2 * grad_loss.to(gap.dtype) * gap
+        if mask is not None:
+            coef = torch.where(mask, coef, 0.0)
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grads = ctx.backend.lmf_backward(coef, argmax, hidden, weight, weight_mean, ctx.vocab_size,
+                                         needs_hidden, needs_weight, needs_bias)
+        return (*grads, None, None, None, None)
+
+
+def linear_lmf_loss(hidden, weight, bias=None, *, mask=None, reduction="mean", impl="auto", chunk_size=None,
+                    vocab_size=None, return_stats=False):
+    """LMF forget loss of the LM head ``z = hidden @ weight.T + bias`` without materialising the logits.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (float16, bfloat16, float32 or float64).
+        weight: ``[V, H]`` LM-head weight (may be tied to the input embeddings); same dtype and device as hidden.
+        bias: optional ``[V]``.
+        mask: optional bool ``[...]``; True marks a token that counts. Masked tokens contribute 0 and get 0 gradient.
+        reduction: ``"mean"`` over counted tokens (0 when none is counted), ``"sum"``, or ``"none"`` (per token).
+        impl: ``"auto"`` (fastest available for the device), ``"torch"`` (chunked PyTorch), ``"triton"``, ``"cuda"``.
+        chunk_size: tokens per GEMM chunk; default from a memory budget (``ceu.chunked.CHUNK_BUDGET_BYTES``).
+        vocab_size: real vocabulary size when the last ``V - vocab_size`` rows of ``weight`` are padding.
+        return_stats: also return :class:`LMFStats` (per-token max, mean, first-index argmax).
+
+    Returns:
+        The loss (float32, or float64 for float64 inputs), and the stats when ``return_stats`` is True.
+    """
+    vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
+    checks.check_mask(mask, hidden)
+    backend = backends.resolve(impl, hidden.device)
+    lead_shape = hidden.shape[:-1]
+    flat_mask = None if mask is None else mask.reshape(-1)
+    loss, row_max, row_mean, argmax = LinearLMFFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_mask, vocab_size, backend, chunk_size)
+    loss = reduce_tokens(loss, flat_mask, reduction)
+    if reduction == "none":
+        loss = loss.reshape(lead_shape)
+    if not return_stats:
+        return loss
+    return loss, LMFStats(row_max.reshape(lead_shape), row_mean.reshape(lead_shape), argmax.reshape(lead_shape))
+
+
+class LinearLMFLoss(torch.nn.Module):
+    """Module form of :func:`linear_lmf_loss`; holds only configuration."""
+
+    def __init__(self, reduction="mean", impl="auto", chunk_size=None, vocab_size=None):
+        super().__init__()
+        self.reduction, self.impl, self.chunk_size, self.vocab_size = reduction, impl, chunk_size, vocab_size
+
+    def forward(self, hidden, weight, bias=None, mask=None):
+        return linear_lmf_loss(hidden, weight, bias, mask=mask, reduction=self.reduction, impl=self.impl,
+                               chunk_size=self.chunk_size, vocab_size=self.vocab_size)
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}, impl={self.impl!r}, chunk_size={self.chunk_size}"
