@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 venv: $(VENV)/.installed
 
 test: venv
+	if [ -f tools/check_cuda_compile.sh ]; then bash tools/check_cuda_compile.sh; fi
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m ceu.demo
+	$(PY) -m ceu
