@@ -7,7 +7,6 @@ PIP_PACKAGES := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(PIP_PACKAGES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
