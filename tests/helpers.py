@@ -1,0 +1,75 @@
+"""Shared test utilities: backends to test, inputs with a clear winning logit, and the error-vs-eager comparison."""
+import torch
+
+from ceu import backends
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Relative slack added to "no worse than eager in the same dtype", scaled by the reference's magnitude.
+SLACK = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def device_impls() -> list[tuple[str, str]]:
+    """Every (device, impl) pair that can run here: the Triton interpreter counts as available on CPU."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    pairs = []
+    for device in devices:
+        for impl in ("torch", "triton", "cuda"):
+            try:
+                backends.resolve(impl, torch.device(device))
+            except RuntimeError:
+                continue
+            pairs.append((device, impl))
+    return pairs
+
+
+def skip_unsupported(device: str, impl: str, dtype: torch.dtype) -> str | None:
+    """The reason a combination cannot be checked here, or None."""
+    if impl == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        return "bf16 arithmetic is wrong in the Triton interpreter; tested on a GPU"
+    return None
+
+
+def head_inputs(n_tokens, hidden_size, vocab, dtype, device="cpu", bias=False, seed=0, lead_shape=None):
+    """Hidden states built from a chosen weight row plus noise, so every token has a clear winning logit."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64)
+    winners = torch.randint(0, vocab, (n_tokens,), generator=generator)
+    hidden = weight[winners] + 0.3 * torch.randn(n_tokens, hidden_size, generator=generator, dtype=torch.float64)
+    hidden, weight = hidden / hidden_size**0.25, weight / hidden_size**0.25
+    if lead_shape is not None:
+        hidden = hidden.reshape(*lead_shape, hidden_size)
+    bias_t = 0.1 * torch.randn(vocab, generator=generator, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias_t)
+
+
+def random_mask(shape, device="cpu", seed=1, keep=0.6):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=generator) < keep).to(device)
+
+
+def grads(output, inputs, upstream):
+    """Gradients of ``output`` w.r.t. the inputs that require them (None elsewhere), under ``upstream``."""
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    found = iter(torch.autograd.grad(output, wanted, upstream))
+    return [next(found) if t is not None and t.requires_grad else None for t in inputs]
+
+
+def leaf(tensor, dtype=None, requires_grad=True):
+    if tensor is None:
+        return None
+    return tensor.detach().to(dtype or tensor.dtype).requires_grad_(requires_grad)
+
+
+def assert_no_worse_than_eager(name, ours, eager, reference, dtype):
+    """ours must be as close to the float64 reference as eager PyTorch in the same dtype, plus a small slack."""
+    reference = reference.double()
+    err_ours = (ours.double() - reference).abs()
+    err_eager = (eager.double() - reference).abs().max().item()
+    bound = 2 * err_eager + SLACK[dtype] * max(reference.abs().max().item(), 1.0)
+    worst = err_ours.max().item() if err_ours.numel() else 0.0
+    if not worst <= bound:
+        where = tuple(int(i) for i in torch.unravel_index(err_ours.argmax(), err_ours.shape))
+        raise AssertionError(
+            f"{name}: max error {worst:.3e} at {where} exceeds bound {bound:.3e} (eager {dtype} error {err_eager:.3e});"
+            f" ours={ours.reshape(-1)[err_ours.argmax()].item():.6g} reference={reference.reshape(-1)[err_ours.argmax()].item():.6g}")

@@ -1,0 +1,140 @@
+"""The fused linear cross-entropy against F.cross_entropy on float64 logits, on every backend available here."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ceu
+from helpers import DTYPES, assert_no_worse_than_eager, device_impls, grads, head_inputs, leaf, skip_unsupported
+
+DEVICE_IMPLS = device_impls()
+SHAPES = {"nice": ((64,), 32, 256, None), "ragged": ((3, 13), 40, 300, 290)}
+
+
+def make_labels(lead_shape, vocab_size, device, ignore_fraction=0.3, seed=5, ignore_index=-100):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab_size, lead_shape, generator=generator)
+    labels[torch.rand(lead_shape, generator=generator) < ignore_fraction] = ignore_index
+    return labels.to(device)
+
+
+def reference_outputs(hidden, weight, bias, labels, reduction, vocab_size, ignore_index=-100):
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits[..., :vocab_size]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_values_and_grads_match_reference(device, impl, shape, with_bias, reduction, dtype):
+    if reason := skip_unsupported(device, impl, dtype):
+        pytest.skip(reason)
+    lead_shape, hidden_size, vocab, vocab_size = SHAPES[shape]
+    n_tokens = int(torch.tensor(lead_shape).prod())
+    hidden, weight, bias = head_inputs(n_tokens, hidden_size, vocab, dtype, device, bias=with_bias,
+                                       lead_shape=lead_shape)
+    labels = make_labels(lead_shape, vocab_size or vocab, device)
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    loss = ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2], reduction=reduction, impl=impl,
+                                    vocab_size=vocab_size)
+    generator = torch.Generator().manual_seed(3)
+    upstream = (torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5).to(device)
+    ours = grads(loss, inputs, upstream.to(loss.dtype))
+
+    reference_inputs = [leaf(t, torch.float64) for t in (hidden, weight, bias)]
+    reference = reference_outputs(*reference_inputs, labels, reduction, vocab_size or vocab)
+    reference_grads = grads(reference, reference_inputs, upstream)
+    eager_inputs = [leaf(t) for t in (hidden, weight, bias)]
+    eager = reference_outputs(*eager_inputs, labels, reduction, vocab_size or vocab)
+    eager_grads = grads(eager, eager_inputs, upstream.to(eager.dtype))
+
+    assert loss.dtype == torch.float32 and loss.shape == reference.shape
+    assert_no_worse_than_eager("loss", loss, eager, reference, dtype)
+    for name, got, eager_grad, expected in zip(("hidden", "weight", "bias"), ours, eager_grads, reference_grads):
+        if expected is None:
+            continue
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert_no_worse_than_eager(f"grad {name}", got, eager_grad, expected, dtype)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_gradcheck_float64(device, impl):
+    hidden, weight, bias = head_inputs(11, 17, 23, torch.float64, device, bias=True)
+    labels = make_labels((11,), 21, device)
+    torch.autograd.gradcheck(
+        lambda h, w, b: ceu.linear_cross_entropy(h, w, labels, b, impl=impl, chunk_size=4, vocab_size=21),
+        (leaf(hidden), leaf(weight), leaf(bias)))
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_chunk_sizes_and_custom_ignore_index_agree(device, impl):
+    hidden, weight, bias = head_inputs(29, 20, 90, torch.float64, device, bias=True)
+    labels = make_labels((29,), 90, device, ignore_index=7)
+    expected_loss = reference_outputs(hidden, weight, bias, labels, "sum", 90, ignore_index=7)
+    for chunk_size in (1, 4, 29, 100, None):
+        inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+        loss = ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2], ignore_index=7, reduction="sum",
+                                        impl=impl, chunk_size=chunk_size)
+        torch.testing.assert_close(loss, expected_loss)
+        assert torch.autograd.grad(loss, inputs[1])[0][7].abs().sum() > 0  # class 7 still gets its softmax share
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("wanted", list(itertools.product([False, True], repeat=3))[1:], ids=str)
+def test_gradients_only_where_required(device, impl, wanted):
+    hidden, weight, bias = head_inputs(10, 16, 40, torch.float64, device, bias=True)
+    labels = make_labels((10,), 40, device)
+    inputs = [leaf(t, requires_grad=r) for t, r in zip((hidden, weight, bias), wanted)]
+    got = grads(ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2], impl=impl), inputs,
+                torch.ones((), dtype=torch.float64, device=device))
+    reference_inputs = [leaf(t, requires_grad=r) for t, r in zip((hidden, weight, bias), wanted)]
+    expected = grads(reference_outputs(*reference_inputs, labels, "mean", 40), reference_inputs,
+                     torch.ones((), dtype=torch.float64, device=device))
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_with_connected_grads(device, impl, reduction):
+    """F.cross_entropy returns NaN here for "mean"; ours returns 0 so a rank with no target still joins the step."""
+    hidden, weight, bias = head_inputs(7, 16, 40, torch.float32, device, bias=True)
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    labels = torch.full((7,), -100, device=device)
+    loss = ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2], reduction=reduction, impl=impl)
+    assert torch.all(loss == 0) and loss.requires_grad
+    for grad in torch.autograd.grad(loss.sum(), inputs):
+        assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_no_grad_and_inputs_not_modified(device, impl):
+    hidden, weight, bias = head_inputs(12, 16, 40, torch.float32, device, bias=True)
+    labels = make_labels((12,), 40, device)
+    originals = [t.clone() for t in (hidden, weight, bias, labels)]
+    with torch.no_grad():
+        loss = ceu.linear_cross_entropy(leaf(hidden), leaf(weight), labels, leaf(bias), impl=impl)
+    assert loss.grad_fn is None
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2], impl=impl, reduction="sum").backward()
+    for before, after in zip(originals, (*inputs, labels)):
+        assert torch.equal(before, after.detach())
+
+
+def test_int32_labels_and_module():
+    hidden, weight, bias = head_inputs(9, 16, 40, torch.float32, bias=True)
+    labels = make_labels((9,), 40, "cpu")
+    module = ceu.LinearCrossEntropyLoss(reduction="sum", chunk_size=2)
+    expected = ceu.linear_cross_entropy(hidden, weight, labels, bias, reduction="sum")
+    torch.testing.assert_close(module(hidden, weight, labels.int(), bias), expected)
+    assert "reduction='sum'" in repr(module)

@@ -1,0 +1,235 @@
+"""The fused LMF loss against the float64 eager reference, on every backend available here."""
+import itertools
+
+import pytest
+import torch
+
+import ceu
+from helpers import (DTYPES, assert_no_worse_than_eager, device_impls, grads, head_inputs, leaf, random_mask,
+                     skip_unsupported)
+
+DEVICE_IMPLS = device_impls()
+# (lead shape of hidden, H, V, vocab_size): a block-friendly shape and a ragged one with a padded vocabulary.
+SHAPES = {"nice": ((64,), 32, 256, None), "ragged": ((3, 13), 40, 300, 290)}
+VARIANTS = {"plain": (False, False), "mask": (False, True), "bias+mask": (True, True)}
+
+
+def reference_outputs(hidden, weight, bias, mask, reduction, vocab_size):
+    """Loss and logits of the eager reference, in the dtype of the given tensors."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return ceu.lmf_loss(logits, mask=mask, reduction=reduction, vocab_size=vocab_size)
+
+
+def upstream_for(loss, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5).to(loss.device)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_values_and_grads_match_reference(device, impl, shape, variant, reduction, dtype):
+    if reason := skip_unsupported(device, impl, dtype):
+        pytest.skip(reason)
+    lead_shape, hidden_size, vocab, vocab_size = SHAPES[shape]
+    with_bias, with_mask = VARIANTS[variant]
+    n_tokens = int(torch.tensor(lead_shape).prod())
+    hidden, weight, bias = head_inputs(n_tokens, hidden_size, vocab, dtype, device, bias=with_bias,
+                                       lead_shape=lead_shape)
+    mask = random_mask(lead_shape, device) if with_mask else None
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    loss = ceu.linear_lmf_loss(*inputs, mask=mask, reduction=reduction, impl=impl, vocab_size=vocab_size)
+    upstream = upstream_for(loss)
+    ours = grads(loss, inputs, upstream.to(loss.dtype))
+
+    reference_inputs = [leaf(t, torch.float64) for t in (hidden, weight, bias)]
+    reference = reference_outputs(*reference_inputs, mask, reduction, vocab_size)
+    reference_grads = grads(reference, reference_inputs, upstream)
+    eager_inputs = [leaf(t) for t in (hidden, weight, bias)]
+    eager = reference_outputs(*eager_inputs, mask, reduction, vocab_size)
+    eager_grads = grads(eager, eager_inputs, upstream.to(eager.dtype))
+
+    assert loss.dtype == torch.float32 and loss.shape == reference.shape
+    assert_no_worse_than_eager("loss", loss, eager, reference, dtype)
+    for name, got, eager_grad, expected in zip(("hidden", "weight", "bias"), ours, eager_grads, reference_grads):
+        if expected is None:
+            continue
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert_no_worse_than_eager(f"grad {name}", got, eager_grad, expected, dtype)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_gradcheck_float64(device, impl):
+    hidden, weight, bias = head_inputs(11, 17, 23, torch.float64, device, bias=True)
+    mask = random_mask((11,), device)
+    torch.autograd.gradcheck(
+        lambda h, w, b: ceu.linear_lmf_loss(h, w, b, mask=mask, impl=impl, chunk_size=4, vocab_size=21),
+        (leaf(hidden), leaf(weight), leaf(bias)))
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_planted_ties_pick_first_index(device, impl, dtype):
+    """Exact ties in the max resolve to the lowest vocabulary index, and only that row receives gradient."""
+    if reason := skip_unsupported(device, impl, dtype):
+        pytest.skip(reason)
+    vocab, hidden_size = 200, 32
+    hidden, weight, bias = head_inputs(6, hidden_size, vocab, torch.float64, bias=True)
+    tie_pairs = [(3, 150), (0, 199), (64, 65), (17, 18), (100, 131), (31, 32)]  # across and within vocab tiles
+    for token, (first, second) in enumerate(tie_pairs):
+        weight[second] = weight[first]
+        bias[second] = bias[first]
+        hidden[token] = 3 * weight[first]
+    hidden, weight, bias = (t.to(device=device, dtype=dtype) for t in (hidden, weight, bias))
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    loss, stats = ceu.linear_lmf_loss(*inputs, reduction="sum", impl=impl, return_stats=True)
+    assert stats.argmax.tolist() == [first for first, _ in tie_pairs]
+    grad_weight = torch.autograd.grad(loss, inputs[1])[0].double()
+    reference_inputs = [leaf(t, torch.float64) for t in (hidden, weight, bias)]
+    reference = reference_outputs(*reference_inputs, None, "sum", None)
+    reference_grad_weight = torch.autograd.grad(reference, reference_inputs[1])[0]
+    tolerance = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+    for first, second in tie_pairs:
+        # The first twin gets the whole +c h; the losing twin only the uniform -c/V share, as in the reference.
+        torch.testing.assert_close(grad_weight[[first, second]], reference_grad_weight[[first, second]],
+                                   rtol=tolerance, atol=tolerance)
+        assert (grad_weight[first] - grad_weight[second]).abs().max() > 1
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_padded_vocab_rows_are_ignored(device, impl):
+    """Padding rows with huge logits change neither the max nor the mean, and get zero gradient."""
+    hidden, weight, bias = head_inputs(9, 24, 70, torch.float32, device, bias=True)
+    weight[64:] = 100 * hidden.mean(0)
+    bias[64:] = 1e3
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    loss = ceu.linear_lmf_loss(*inputs, impl=impl, vocab_size=64)
+    expected = ceu.linear_lmf_loss(hidden, weight[:64], bias[:64], impl="torch")
+    torch.testing.assert_close(loss, expected)
+    grad_hidden, grad_weight, grad_bias = torch.autograd.grad(loss, inputs)
+    assert grad_weight[64:].abs().max() == 0 and grad_bias[64:].abs().max() == 0
+    reference_inputs = [leaf(t[:64] if t.dim() and t.shape[0] == 70 else t, torch.float64) for t in inputs]
+    reference = reference_outputs(*reference_inputs, None, "mean", None)
+    torch.testing.assert_close(grad_hidden.double(), torch.autograd.grad(reference, reference_inputs[0])[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_chunk_sizes_agree(device, impl):
+    hidden, weight, bias = head_inputs(29, 20, 90, torch.float64, device, bias=True)
+    mask = random_mask((29,), device)
+    results = []
+    for chunk_size in (1, 4, 29, 100, None):
+        inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+        loss = ceu.linear_lmf_loss(*inputs, mask=mask, impl=impl, chunk_size=chunk_size)
+        results.append([loss, *torch.autograd.grad(loss, inputs)])
+    for other in results[1:]:
+        for expected, got in zip(results[0], other):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("wanted", list(itertools.product([False, True], repeat=3))[1:], ids=str)
+def test_gradients_only_where_required(device, impl, wanted):
+    hidden, weight, bias = head_inputs(10, 16, 40, torch.float64, device, bias=True)
+    inputs = [leaf(t, requires_grad=r) for t, r in zip((hidden, weight, bias), wanted)]
+    loss = ceu.linear_lmf_loss(*inputs, impl=impl)
+    got = grads(loss, inputs, torch.ones_like(loss))
+    reference_inputs = [leaf(t, requires_grad=r) for t, r in zip((hidden, weight, bias), wanted)]
+    expected = grads(reference_outputs(*reference_inputs, None, "mean", None), reference_inputs,
+                     torch.ones((), dtype=torch.float64, device=device))
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_no_grad_and_detached_inputs(device, impl):
+    hidden, weight, _ = head_inputs(8, 16, 40, torch.float32, device)
+    with torch.no_grad():
+        loss = ceu.linear_lmf_loss(leaf(hidden), leaf(weight), impl=impl)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, ceu.linear_lmf_loss(hidden, weight, impl=impl))
+    assert not ceu.linear_lmf_loss(hidden, weight, impl=impl).requires_grad
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_masked_batch_gives_zero_with_connected_grads(device, impl, reduction):
+    hidden, weight, bias = head_inputs(7, 16, 40, torch.float32, device, bias=True)
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    mask = torch.zeros(7, dtype=torch.bool, device=device)
+    loss = ceu.linear_lmf_loss(*inputs, mask=mask, reduction=reduction, impl=impl)
+    assert torch.all(loss == 0) and loss.requires_grad
+    for grad in torch.autograd.grad(loss.sum(), inputs):
+        assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_empty_batch(device, impl):
+    _, weight, _ = head_inputs(1, 16, 40, torch.float32, device)
+    hidden = leaf(torch.zeros(0, 16, device=device))
+    loss = ceu.linear_lmf_loss(hidden, leaf(weight), impl=impl)
+    assert loss.item() == 0
+    assert ceu.linear_lmf_loss(hidden, weight, impl=impl, reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_inputs_are_not_modified(device, impl):
+    hidden, weight, bias = head_inputs(12, 16, 40, torch.float32, device, bias=True)
+    mask = random_mask((12,), device)
+    originals = [t.clone() for t in (hidden, weight, bias, mask)]
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    loss = ceu.linear_lmf_loss(*inputs, mask=mask, impl=impl, reduction="none")
+    loss.sum().backward()
+    for before, after in zip(originals, (*inputs, mask)):
+        assert torch.equal(before, after.detach())
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_return_stats_match_the_logits(device, impl):
+    hidden, weight, bias = head_inputs(15, 24, 60, torch.float64, device, bias=True, lead_shape=(3, 5))
+    loss, stats = ceu.linear_lmf_loss(hidden, weight, bias, impl=impl, return_stats=True, vocab_size=55,
+                                      reduction="none")
+    logits = (hidden @ weight.T + bias)[..., :55]
+    assert isinstance(stats, ceu.LMFStats) and stats.argmax.shape == (3, 5)
+    torch.testing.assert_close(stats.max, logits.max(-1).values)
+    torch.testing.assert_close(stats.mean, logits.mean(-1))
+    assert torch.equal(stats.argmax, logits.argmax(-1))
+    torch.testing.assert_close(loss, (stats.max - stats.mean) ** 2)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_tied_embedding_gradients_accumulate(device, impl):
+    """A head tied to the input embeddings gets the sum of both uses' gradients."""
+    _, weight, _ = head_inputs(1, 16, 50, torch.float64, device)
+    tokens = torch.tensor([[3, 7, 7, 49, 0]], device=device)
+    results = []
+    for loss_fn in (lambda h, w: ceu.linear_lmf_loss(h, w, impl=impl),
+                    lambda h, w: reference_outputs(h, w, None, None, "mean", None)):
+        tied = leaf(weight)
+        hidden = torch.tanh(torch.nn.functional.embedding(tokens, tied) * 2)
+        results.append(torch.autograd.grad(loss_fn(hidden, tied), tied)[0])
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_module_matches_function():
+    hidden, weight, bias = head_inputs(9, 16, 40, torch.float32, bias=True)
+    mask = random_mask((9,))
+    module = ceu.LinearLMFLoss(reduction="sum", chunk_size=2, vocab_size=37)
+    expected = ceu.linear_lmf_loss(hidden, weight, bias, mask=mask, reduction="sum", vocab_size=37)
+    torch.testing.assert_close(module(hidden, weight, bias, mask=mask), expected)
+    assert "reduction='sum'" in repr(module)
+
+
+def test_mean_reduction_counts_only_masked_tokens():
+    hidden, weight, _ = head_inputs(10, 16, 40, torch.float64)
+    mask = random_mask((10,))
+    per_token = ceu.linear_lmf_loss(hidden, weight, reduction="none")
+    mean = ceu.linear_lmf_loss(hidden, weight, mask=mask)
+    torch.testing.assert_close(mean, per_token[mask].mean())
