@@ -3,7 +3,7 @@ without holding ``[tokens, V]`` logits; the backward recomputes each chunk's log
 """
 import torch
 
-from . import backends, checks
+from . import backends, checks, ops
 from .reference import reduce_tokens
 
 
@@ -11,19 +11,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Per-token cross-entropy on flattened inputs (0 at ``ignore_index``); saves the log-sum-exp per token."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size):
-        loss, lse = backend.ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size)
+    def forward(ctx, hidden, weight, bias, labels, vocab_size, ignore_index, impl, chunk_size):
+        loss, lse = ops.ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, impl, chunk_size)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.config = (vocab_size, ignore_index, backend, chunk_size)
+        ctx.config = (vocab_size, ignore_index, impl, chunk_size)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        vocab_size, ignore_index, backend, chunk_size = ctx.config
+        vocab_size, ignore_index, impl, chunk_size = ctx.config
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grads = backend.ce_backward(grad_loss, lse, hidden, weight, bias, labels, vocab_size, ignore_index,
-                                    chunk_size, needs_hidden, needs_weight, needs_bias)
+        grads = ops.ce_backward(grad_loss, lse, hidden, weight, bias, labels, vocab_size, ignore_index, impl,
+                                chunk_size, needs_hidden, needs_weight, needs_bias)
+        grads = [grad if need else None for grad, need in zip(grads, ctx.needs_input_grad)]
         return (*grads, None, None, None, None, None)
 
 
@@ -37,10 +38,10 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_labels(labels, hidden, vocab_size, ignore_index)
-    backend = backends.resolve(impl, hidden.device)
+    backends.resolve(impl, hidden.device)  # fail here, before any work, if impl cannot run on this device
     flat_labels = labels.reshape(-1)
     loss = LinearCrossEntropyFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels,
-                                            vocab_size, ignore_index, backend, chunk_size)
+                                            vocab_size, ignore_index, impl, chunk_size)
     loss = reduce_tokens(loss, flat_labels != ignore_index, reduction)
     return loss.reshape(labels.shape) if reduction == "none" else loss
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import backends, checks
+from . import backends, checks, ops
 from .chunked import stat_dtype
 from .reference import reduce_tokens
 
@@ -27,10 +27,10 @@ class LinearLMFFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, mask, vocab_size, backend, chunk_size):
+    def forward(ctx, hidden, weight, bias, mask, vocab_size, impl, chunk_size):
         acc = stat_dtype(hidden.dtype)
         weight_mean = weight[:vocab_size].sum(0, dtype=acc) / vocab_size
-        row_max, argmax = backend.lmf_forward(hidden, weight, bias, vocab_size, chunk_size)
+        row_max, argmax = ops.lmf_forward(hidden, weight, bias, vocab_size, impl, chunk_size)
         row_mean = hidden.to(acc) @ weight_mean
         if bias is not None:
             row_mean += bias[:vocab_size].sum(dtype=acc) / vocab_size
@@ -39,7 +39,7 @@ class LinearLMFFunction(torch.autograd.Function):
         if mask is not None:
             loss = torch.where(mask, loss, 0.0)
         ctx.save_for_backward(hidden, weight, argmax, gap, weight_mean, mask)
-        ctx.vocab_size, ctx.backend = vocab_size, backend
+        ctx.vocab_size, ctx.impl = vocab_size, impl
         ctx.mark_non_differentiable(row_max, row_mean, argmax)
         return loss, row_max, row_mean, argmax
 
@@ -50,8 +50,9 @@ class LinearLMFFunction(torch.autograd.Function):
         if mask is not None:
             coef = torch.where(mask, coef, 0.0)
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grads = ctx.backend.lmf_backward(coef, argmax, hidden, weight, weight_mean, ctx.vocab_size,
-                                         needs_hidden, needs_weight, needs_bias)
+        grads = ops.lmf_backward(coef, argmax, hidden, weight, weight_mean, ctx.vocab_size, ctx.impl,
+                                 needs_hidden, needs_weight, needs_bias)
+        grads = [grad if need else None for grad, need in zip(grads, ctx.needs_input_grad)]
         return (*grads, None, None, None, None)
 
 
@@ -75,11 +76,11 @@ def linear_lmf_loss(hidden, weight, bias=None, *, mask=None, reduction="mean", i
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_mask(mask, hidden)
-    backend = backends.resolve(impl, hidden.device)
+    backends.resolve(impl, hidden.device)  # fail here, before any work, if impl cannot run on this device
     lead_shape = hidden.shape[:-1]
     flat_mask = None if mask is None else mask.reshape(-1)
     loss, row_max, row_mean, argmax = LinearLMFFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_mask, vocab_size, backend, chunk_size)
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_mask, vocab_size, impl, chunk_size)
     loss = reduce_tokens(loss, flat_mask, reduction)
     if reduction == "none":
         loss = loss.reshape(lead_shape)
