@@ -3,6 +3,7 @@
 Every backend module exposes ``lmf_forward``, ``lmf_backward``, ``ce_forward`` and ``ce_backward`` with the
 signatures of :mod:`ceu.chunked`, the pure-PyTorch backend that is also the CPU path.
 """
+import os
 import types
 
 import torch
@@ -19,7 +20,14 @@ def resolve(impl: str, device: torch.device) -> types.ModuleType:
     if impl in ("torch", "auto"):
         return chunked
     if impl == "triton":
-        raise _unavailable(impl, "the Triton kernels are not part of this build yet")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise _unavailable(impl, f"the Triton kernels need a CUDA device (got {device.type!r}) or the Triton "
+                                     "interpreter (TRITON_INTERPRET=1 set before the first kernel is defined)")
+        try:
+            from ceu_kernels import triton_backend
+        except ImportError as error:
+            raise _unavailable(impl, f"triton is not installed ({error})") from error
+        return triton_backend
     if impl == "cuda":
         raise _unavailable(impl, "the CUDA extension ceu_kernels._C is not part of this build yet")
     raise ValueError(f"unknown impl {impl!r}")

@@ -1,0 +1,190 @@
+"""LMF backward: the closed-form gradients from ``coef = dloss/d(max - mean)`` per token, with no GEMM.
+
+``dlogits = coef * (onehot(argmax) - 1/V)`` gives ``dh = coef * (W[a] - w_mean)`` (a row gather),
+``dW = scatter_add(rows a, coef * h) - (1/V) 1 (x) sum(coef * h)`` on the real rows, and ``db`` alike.
+dW is accumulated in fp32 (fp64 for fp64 inputs) in the output buffer itself: no other ``[V, H]`` temporary.
+
+The scatter has two forms:
+
+* atomic (default): every row-rank-1 value is written first, then each token ``atomic_add``-s ``coef * h`` into its
+  argmax row. Fast; the summation order within a row varies from run to run.
+* deterministic: tokens are stably sorted by argmax and each vocab row sums its own segment in token order, so dW and
+  db are bitwise repeatable. Chosen by ``deterministic=True`` or by ``torch.use_deterministic_algorithms(True)``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .tl_utils import accumulator, offsets64, on_device
+
+DEFAULT_BLOCKS = (32, 64, 64)
+"""(BLOCK_M tokens, BLOCK_V vocab rows, BLOCK_H hidden) of the backward kernels."""
+
+
+@triton.jit
+def _grad_hidden_kernel(coef, argmax, weight, weight_mean, grad_hidden, n_tokens, dim, stride_weight,
+                        stride_grad, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``grad_hidden[i] = coef[i] * (weight[argmax[i]] - weight_mean)`` for one (token tile, hidden tile)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = rows < n_tokens
+    k_ok = ks < dim
+    tile_ok = row_ok[:, None] & k_ok[None, :]
+    c = tl.load(coef + rows, mask=row_ok, other=0.0)
+    target = tl.load(argmax + rows, mask=row_ok, other=0)
+    w = tl.load(weight + offsets64(target, stride_weight)[:, None] + ks[None, :], mask=tile_ok, other=0.0)
+    mean = tl.load(weight_mean + ks, mask=k_ok, other=0.0)
+    grad = c[:, None] * (w.to(ACC) - mean[None, :])
+    tl.store(grad_hidden + offsets64(rows, stride_grad)[:, None] + ks[None, :],
+             grad.to(grad_hidden.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _weighted_hidden_sum_kernel(coef, hidden, out, n_tokens, dim, stride_hidden,
+                                ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``out = sum_i coef[i] * hidden[i]`` over one hidden tile, tokens in a fixed order (repeatable)."""
+    ks = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    k_ok = ks < dim
+    total = tl.zeros((BLOCK_H,), dtype=ACC)
+    for m0 in range(0, n_tokens, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_tokens
+        c = tl.load(coef + rows, mask=row_ok, other=0.0)
+        h = tl.load(hidden + offsets64(rows, stride_hidden)[:, None] + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        total += tl.sum(c[:, None] * h.to(ACC), axis=0)
+    tl.store(out + ks, total, mask=k_ok)
+
+
+@triton.jit
+def _rank_one_kernel(weighted_sum, coef_sum, grad_weight, grad_bias, n_rows, vocab_size, dim, stride_grad,
+                     WRITE_WEIGHT: tl.constexpr, WRITE_BIAS: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Write ``-(1/V) sum(coef * h)`` (and ``-(1/V) sum(coef)``) to the real rows of a tile, 0 to padded rows."""
+    rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    real = rows < vocab_size
+    if WRITE_WEIGHT:
+        ks = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        k_ok = ks < dim
+        mean = -tl.load(weighted_sum + ks, mask=k_ok, other=0.0) / vocab_size
+        grad = tl.where(real[:, None], mean[None, :], 0.0)
+        tl.store(grad_weight + offsets64(rows, stride_grad)[:, None] + ks[None, :], grad,
+                 mask=(rows < n_rows)[:, None] & k_ok[None, :])
+    if WRITE_BIAS:
+        if tl.program_id(1) == 0:
+            mean_b = -tl.load(coef_sum) / vocab_size
+            tl.store(grad_bias + rows, tl.where(real, mean_b, 0.0).to(ACC), mask=rows < n_rows)
+
+
+@triton.jit
+def _segment_sum_kernel(order, segment_start, coef, hidden, grad_weight, grad_bias, n_rows, dim, stride_hidden,
+                        stride_grad, WRITE_WEIGHT: tl.constexpr, WRITE_BIAS: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Add to each vocab row of a tile the sum of ``coef * h`` over its tokens (a segment of the argmax-sorted
+    order), summed in a fixed order: one program owns each row, so the result is bitwise repeatable."""
+    ks = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    k_ok = ks < dim
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_V  # an int64 loop index: row * stride cannot overflow
+    for row in range(first_row, tl.minimum(first_row + BLOCK_V, n_rows)):
+        start = tl.load(segment_start + row)
+        stop = tl.load(segment_start + row + 1)
+        if stop > start:
+            total = tl.zeros((BLOCK_H,), dtype=ACC)
+            total_b = tl.zeros((), dtype=ACC)
+            for m0 in range(start, stop, BLOCK_M):
+                slots = m0 + tl.arange(0, BLOCK_M)
+                slot_ok = slots < stop
+                tokens = tl.load(order + slots, mask=slot_ok, other=0)
+                c = tl.load(coef + tokens, mask=slot_ok, other=0.0)
+                if WRITE_WEIGHT:
+                    h = tl.load(hidden + (tokens * stride_hidden)[:, None] + ks[None, :],
+                                mask=slot_ok[:, None] & k_ok[None, :], other=0.0)
+                    total += tl.sum(c[:, None] * h.to(ACC), axis=0)
+                total_b += tl.sum(c, axis=0)
+            if WRITE_WEIGHT:
+                grad_row = grad_weight + row * stride_grad + ks
+                tl.store(grad_row, tl.load(grad_row, mask=k_ok) + total, mask=k_ok)
+            if WRITE_BIAS:
+                if tl.program_id(1) == 0:
+                    tl.store(grad_bias + row, tl.load(grad_bias + row) + total_b)
+
+
+@triton.jit
+def _scatter_kernel(coef, argmax, hidden, grad_weight, grad_bias, n_tokens, dim, stride_hidden, stride_grad,
+                    WRITE_WEIGHT: tl.constexpr, WRITE_BIAS: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``grad_weight[argmax[i]] += coef[i] * hidden[i]`` (and ``grad_bias[argmax[i]] += coef[i]``) by atomics."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_tokens
+    c = tl.load(coef + rows, mask=row_ok, other=0.0)
+    live = row_ok & (c != 0.0)
+    target = tl.load(argmax + rows, mask=live, other=0)
+    if WRITE_WEIGHT:
+        ks = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        tile_ok = live[:, None] & (ks < dim)[None, :]
+        h = tl.load(hidden + offsets64(rows, stride_hidden)[:, None] + ks[None, :], mask=tile_ok, other=0.0)
+        tl.atomic_add(grad_weight + offsets64(target, stride_grad)[:, None] + ks[None, :], c[:, None] * h.to(ACC),
+                      mask=tile_ok)
+    if WRITE_BIAS:
+        if tl.program_id(1) == 0:
+            tl.atomic_add(grad_bias + target, c, mask=live)
+
+
+def lmf_gradients(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hidden, needs_weight, needs_bias,
+                  *, deterministic=None, blocks=None):
+    """``(grad_hidden, grad_weight, grad_bias)``, None where not needed; same conventions as ``ceu.chunked``.
+
+    Args:
+        coef ``[N]`` (float32, float64 for float64 inputs), argmax ``[N]`` int64, hidden ``[N, H]``,
+        weight ``[V, H]``, weight_mean ``[H]`` (the mean of the real rows, in coef's dtype).
+        deterministic: bitwise-repeatable dW/db (sort + segment sums); None follows
+            ``torch.are_deterministic_algorithms_enabled()``.
+        blocks: ``(BLOCK_M, BLOCK_V, BLOCK_H)``; default ``DEFAULT_BLOCKS``.
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    block_m, block_v, block_h = blocks or DEFAULT_BLOCKS
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    coef, argmax, weight_mean = coef.contiguous(), argmax.contiguous(), weight_mean.contiguous()
+    n_tokens, dim = hidden.shape
+    n_rows = weight.shape[0]
+    acc_dtype, acc_tl = accumulator(hidden.dtype)
+    coef = coef.to(acc_dtype)
+    n_token_tiles, n_hidden_tiles = triton.cdiv(n_tokens, block_m), triton.cdiv(dim, block_h)
+    grad_hidden = grad_weight = grad_bias = None
+    with on_device(hidden):
+        if needs_hidden:
+            grad_hidden = torch.empty_like(hidden)
+            if n_tokens:
+                _grad_hidden_kernel[(n_token_tiles, n_hidden_tiles)](
+                    coef, argmax, weight, weight_mean.to(acc_dtype), grad_hidden, n_tokens, dim, weight.stride(0),
+                    grad_hidden.stride(0), ACC=acc_tl, BLOCK_M=block_m, BLOCK_H=block_h)
+        if not (needs_weight or needs_bias):
+            return grad_hidden, None, None
+
+        weighted_sum = torch.zeros(dim if needs_weight else 0, dtype=acc_dtype, device=hidden.device)
+        if needs_weight:
+            _weighted_hidden_sum_kernel[(n_hidden_tiles,)](
+                coef, hidden, weighted_sum, n_tokens, dim, hidden.stride(0), ACC=acc_tl, BLOCK_M=block_m,
+                BLOCK_H=block_h)
+        grad_weight = torch.empty(n_rows, dim, dtype=acc_dtype, device=hidden.device) if needs_weight else None
+        grad_bias = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device) if needs_bias else None
+        weight_out = grad_weight if needs_weight else weighted_sum
+        bias_out = grad_bias if needs_bias else weighted_sum
+        flags = dict(WRITE_WEIGHT=needs_weight, WRITE_BIAS=needs_bias, ACC=acc_tl, BLOCK_H=block_h)
+        row_grid = (triton.cdiv(n_rows, block_v), n_hidden_tiles if needs_weight else 1)
+        _rank_one_kernel[row_grid](weighted_sum, coef.sum().reshape(1), weight_out, bias_out, n_rows, vocab_size,
+                                   dim, dim, BLOCK_V=block_v, **flags)
+        if deterministic:
+            argmax_sorted, order = torch.sort(argmax, stable=True)
+            segment_start = torch.searchsorted(argmax_sorted, torch.arange(n_rows + 1, device=argmax.device))
+            _segment_sum_kernel[row_grid](order, segment_start, coef, hidden, weight_out, bias_out, n_rows, dim,
+                                          hidden.stride(0), dim, BLOCK_M=block_m, BLOCK_V=block_v, **flags)
+        elif n_tokens:
+            _scatter_kernel[(n_token_tiles, row_grid[1])](
+                coef, argmax, hidden, weight_out, bias_out, n_tokens, dim, hidden.stride(0), dim, BLOCK_M=block_m,
+                **flags)
+    grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+    grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
+    return grad_hidden, grad_weight, grad_bias

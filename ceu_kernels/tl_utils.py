@@ -1,0 +1,102 @@
+"""Helpers shared by the Triton kernels: the logits-tile GEMM, tile scheduling, first-index max, 64-bit offsets,
+and the launch-side choices (dot precision, accumulator dtype, interpreter-aware autotuning)."""
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INT64_MIN = -(2**63)
+"""Initial value of a packed (max, index) word: below every real packed key."""
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotuned(kernel, configs, key, **options):
+    """``kernel`` under ``triton.autotune`` on a GPU; the plain kernel under the interpreter, where autotune fails."""
+    if interpreting():
+        return kernel
+    return triton.autotune(configs, key=key, **options)(kernel)
+
+
+def on_device(tensor: torch.Tensor):
+    """Context in which a launch runs on ``tensor``'s GPU (a no-op for CPU tensors under the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: float32 inputs follow ``torch.get_float32_matmul_precision()``."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    """The statistics/accumulator dtype for inputs of ``dtype``: float64 for float64, float32 otherwise."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+@triton.jit
+def offsets64(index, stride):
+    """``index * stride`` in 64 bits: tokens x V and V x H pass 2**31 at LM-head sizes."""
+    return index.to(tl.int64) * stride
+
+
+@triton.jit
+def grouped_tile(pid, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
+    """Map a 1-D program id to (tile_m, tile_n) so that neighbouring programs share operand tiles in L2."""
+    per_group = GROUP_M * n_tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % per_group) % group_rows
+    tile_n = (pid % per_group) // group_rows
+    return tile_m, tile_n
+
+
+@triton.jit
+def logits_tile(hidden, weight, rows, cols, row_ok, col_ok, dim, stride_hidden, stride_weight,
+                ACC: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """``hidden[rows] @ weight[cols].T`` as a [rows, cols] tile accumulated in ``ACC``; out-of-range entries are 0."""
+    hidden_rows = hidden + offsets64(rows, stride_hidden)[:, None]
+    weight_rows = weight + offsets64(cols, stride_weight)[None, :]
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=ACC)
+    for k0 in range(0, dim, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < dim
+        h = tl.load(hidden_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(weight_rows + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h, w_t, acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def row_max_first_index(values, cols):
+    """Per-row max of a tile and the smallest column index attaining it (``torch.max(dim)``'s tie rule)."""
+    best = tl.max(values, axis=1)
+    first = tl.min(tl.where(values == best[:, None], cols[None, :], 2147483647), axis=1)
+    return best, first
+
+
+@triton.jit
+def pack_max_index(value, index):
+    """A signed 64-bit word whose order is (value, then lower index): ``atomic_max`` on it is an exact argmax.
+
+    High 32 bits: the float32 bits remapped so signed-integer order is float order (-0.0 folded into +0.0);
+    low 32 bits: ``2**32 - 1 - index``, so a tie keeps the smallest index.
+    """
+    value = value.to(tl.float32)
+    value = tl.where(value == 0.0, 0.0, value)
+    bits = value.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (key.to(tl.int64) << 32) | (4294967295 - index.to(tl.int64))
+
+
+def unpack_max_index(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_max_index` on the host side: float32 max and int64 index."""
+    key = (packed >> 32).to(torch.int32)
+    value = torch.where(key >= 0, key, key ^ 0x7FFFFFFF).view(torch.float32)
+    return value, 4294967295 - (packed & 4294967295)
