@@ -20,6 +20,28 @@ class LMFStats(NamedTuple):
     argmax: torch.Tensor
 
 
+def masked_square(gap, mask):
+    """The per-token loss from the gap ``max - mean``: zero where ``mask`` is False."""
+    loss = gap.square()
+    return loss if mask is None else torch.where(mask, loss, 0.0)
+
+
+def gap_coefficient(grad_loss, gap, mask):
+    """``c = dloss/dgap = 2 g (max - mean)``, zero at masked tokens."""
+    coef = 2 * grad_loss.to(gap.dtype) * gap
+    return coef if mask is None else torch.where(mask, coef, 0.0)
+
+
+def finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, return_stats):
+    """Reduce the per-token loss and restore the caller's leading shape on everything returned."""
+    loss = reduce_tokens(loss, flat_mask, reduction)
+    if reduction == "none":
+        loss = loss.reshape(lead_shape)
+    if not return_stats:
+        return loss
+    return loss, LMFStats(row_max.reshape(lead_shape), row_mean.reshape(lead_shape), argmax.reshape(lead_shape))
+
+
 class LinearLMFFunction(torch.autograd.Function):
     """Per-token LMF loss on flattened inputs, zero where ``mask`` is False; returns ``(loss, max, mean, argmax)``.
 
@@ -35,9 +57,7 @@ class LinearLMFFunction(torch.autograd.Function):
         if bias is not None:
             row_mean += bias[:vocab_size].sum(dtype=acc) / vocab_size
         gap = row_max - row_mean
-        loss = gap.square()
-        if mask is not None:
-            loss = torch.where(mask, loss, 0.0)
+        loss = masked_square(gap, mask)
         ctx.save_for_backward(hidden, weight, argmax, gap, weight_mean, mask)
         ctx.vocab_size, ctx.impl = vocab_size, impl
         ctx.mark_non_differentiable(row_max, row_mean, argmax)
@@ -46,9 +66,7 @@ class LinearLMFFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         hidden, weight, argmax, gap, weight_mean, mask = ctx.saved_tensors
-        coef = 2 * grad_loss.to(gap.dtype) * gap
-        if mask is not None:
-            coef = torch.where(mask, coef, 0.0)
+        coef = gap_coefficient(grad_loss, gap, mask)
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grads = ops.lmf_backward(coef, argmax, hidden, weight, weight_mean, ctx.vocab_size, ctx.impl,
                                  needs_hidden, needs_weight, needs_bias)
@@ -81,12 +99,7 @@ def linear_lmf_loss(hidden, weight, bias=None, *, mask=None, reduction="mean", i
     flat_mask = None if mask is None else mask.reshape(-1)
     loss, row_max, row_mean, argmax = LinearLMFFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_mask, vocab_size, impl, chunk_size)
-    loss = reduce_tokens(loss, flat_mask, reduction)
-    if reduction == "none":
-        loss = loss.reshape(lead_shape)
-    if not return_stats:
-        return loss
-    return loss, LMFStats(row_max.reshape(lead_shape), row_mean.reshape(lead_shape), argmax.reshape(lead_shape))
+    return finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, return_stats)
 
 
 class LinearLMFLoss(torch.nn.Module):

@@ -1,0 +1,104 @@
+"""Vocab-parallel LMF loss for a tensor-parallel LM head: each rank holds a contiguous shard of the weight's rows.
+
+Forward: the local GEMM gives a shard max/argmax; two all-reduces of ``[tokens]`` vectors give the global max (MAX)
+and its first global index (MIN over the ranks that hold the max), which is exact in every dtype and keeps the
+first-index tie rule across shards; a third sums the partial row sums for the mean. Backward: only the rank owning
+the argmax row scatters ``c h`` into its shard of dW; ``dh`` is assembled with one all-reduce, so ``hidden`` must not
+also pass through a "copy to tensor-parallel region" op that all-reduces its gradient.
+"""
+import torch
+import torch.distributed as dist
+
+from . import backends, checks, ops
+from .chunked import stat_dtype
+from .lmf import finish, gap_coefficient, masked_square
+
+
+class VocabParallelLMFFunction(torch.autograd.Function):
+    """Per-token LMF loss over a vocabulary sharded across ``group``; returns ``(loss, max, mean, argmax)``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, mask, vocab_start, vocab_size, group, impl, chunk_size):
+        acc = stat_dtype(hidden.dtype)
+        local_real = min(max(vocab_size - vocab_start, 0), weight.shape[0])
+        if local_real > 0:
+            local_max, local_argmax = ops.lmf_forward(hidden, weight, bias, local_real, impl, chunk_size)
+        else:  # a shard made only of padding rows never holds the max
+            local_max = hidden.new_full((hidden.shape[0],), float("-inf"), dtype=acc)
+            local_argmax = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+        row_max = local_max.clone()
+        dist.all_reduce(row_max, dist.ReduceOp.MAX, group=group)
+        argmax = torch.where(local_max == row_max, local_argmax + vocab_start, torch.iinfo(torch.int64).max)
+        dist.all_reduce(argmax, dist.ReduceOp.MIN, group=group)
+
+        weight_sum = weight[:local_real].sum(0, dtype=acc)
+        row_sum = hidden.to(acc) @ weight_sum
+        if bias is not None:
+            row_sum += bias[:local_real].sum(dtype=acc)
+        dist.all_reduce(row_sum, dist.ReduceOp.SUM, group=group)
+        row_mean = row_sum / vocab_size
+
+        gap = row_max - row_mean
+        loss = masked_square(gap, mask)
+        ctx.save_for_backward(hidden, weight, argmax, gap, weight_sum, mask)
+        ctx.config = (vocab_start, local_real, vocab_size, group)
+        ctx.mark_non_differentiable(row_max, row_mean, argmax)
+        return loss, row_max, row_mean, argmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        hidden, weight, argmax, gap, weight_sum, mask = ctx.saved_tensors
+        vocab_start, local_real, vocab_size, group = ctx.config
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        coef = gap_coefficient(grad_loss, gap, mask)
+        owned = (argmax >= vocab_start) & (argmax < vocab_start + local_real)
+        local_index = torch.where(owned, argmax - vocab_start, 0)
+        owned_coef = torch.where(owned, coef, 0.0)
+        grad_hidden = grad_weight = grad_bias = None
+        if needs_hidden:
+            grad_hidden = owned_coef[:, None] * weight.index_select(0, local_index).to(coef.dtype)
+            grad_hidden -= coef[:, None] * (weight_sum / vocab_size)
+            dist.all_reduce(grad_hidden, dist.ReduceOp.SUM, group=group)
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        if needs_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=coef.dtype, device=weight.device)
+            grad_weight[:local_real] = (coef[:, None] * hidden.to(coef.dtype)).sum(0) / -vocab_size
+            grad_weight.index_add_(0, local_index, owned_coef[:, None] * hidden.to(coef.dtype))
+            grad_weight = grad_weight.to(weight.dtype)
+        if needs_bias:
+            grad_bias = torch.zeros(weight.shape[0], dtype=coef.dtype, device=weight.device)
+            grad_bias[:local_real] = coef.sum() / -vocab_size
+            grad_bias.index_add_(0, local_index, owned_coef)
+            grad_bias = grad_bias.to(weight.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def vocab_parallel_lmf_loss(hidden, weight_shard, bias_shard=None, *, process_group=None, vocab_start=None,
+                            vocab_size=None, mask=None, reduction="mean", impl="auto", chunk_size=None,
+                            return_stats=False):
+    """:func:`ceu.linear_lmf_loss` for an LM head whose rows are sharded across ``process_group``.
+
+    ``hidden`` is the same on every rank; ``weight_shard`` holds global rows ``vocab_start .. vocab_start + V_r``
+    (default: equal shards in rank order, ``vocab_start = rank * V_r``). ``vocab_size`` is the global real vocabulary
+    (default ``world_size * V_r``); rows at or past it are padding. Loss, stats and ``dh`` are identical on every
+    rank; each rank gets the gradient of its own shard. Argmax indices are global.
+    """
+    world_size, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    shard_rows = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) else 0
+    if vocab_start is None:
+        vocab_start = rank * shard_rows
+    if vocab_size is None:
+        vocab_size = world_size * shard_rows
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int (the global real vocabulary), got {vocab_size!r}")
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+    checks.check_head(hidden, weight_shard, bias_shard, None, reduction, impl, chunk_size)
+    checks.check_mask(mask, hidden)
+    backends.resolve(impl, hidden.device)
+    lead_shape = hidden.shape[:-1]
+    flat_mask = None if mask is None else mask.reshape(-1)
+    loss, row_max, row_mean, argmax = VocabParallelLMFFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, flat_mask, vocab_start, vocab_size,
+        process_group, impl, chunk_size)
+    return finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, return_stats)

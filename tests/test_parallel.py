@@ -1,0 +1,71 @@
+"""Vocab-parallel LMF over 2 gloo processes on CPU against the unsharded fused loss (values, stats, every grad)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ceu
+from ceu.parallel import vocab_parallel_lmf_loss
+from helpers import head_inputs, leaf, random_mask
+
+WORLD_SIZE, SHARD_ROWS, HIDDEN_SIZE, N_TOKENS = 2, 37, 12, 15
+# name -> (global vocab_size, reduction); 70 pads the last 4 rows, 30 leaves rank 1 only padding.
+CASES = {"full": (74, "none"), "padded": (70, "mean"), "padding_shard": (30, "sum")}
+
+
+def case_inputs(vocab_size):
+    hidden, weight, bias = head_inputs(N_TOKENS, HIDDEN_SIZE, WORLD_SIZE * SHARD_ROWS, torch.float64, bias=True)
+    # Plant a tie across the shard boundary: rows 5 (rank 0) and 40 (rank 1) are twins and win for token 0.
+    weight[40], bias[40] = weight[5], bias[5]
+    hidden[0] = 3 * weight[5]
+    return hidden, weight, bias, random_mask((N_TOKENS,))
+
+
+def upstream(reduction):
+    """Per-token upstream gradients for "none", a non-unit scalar otherwise."""
+    if reduction == "none":
+        return torch.linspace(0.5, 1.5, N_TOKENS, dtype=torch.float64)
+    return torch.tensor(1.3, dtype=torch.float64)
+
+
+def worker(rank, store_path, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        results = {}
+        rows = slice(rank * SHARD_ROWS, (rank + 1) * SHARD_ROWS)
+        for name, (vocab_size, reduction) in CASES.items():
+            hidden, weight, bias, mask = case_inputs(vocab_size)
+            inputs = [leaf(hidden), leaf(weight[rows]), leaf(bias[rows])]
+            loss, stats = vocab_parallel_lmf_loss(*inputs, vocab_size=vocab_size, mask=mask, reduction=reduction,
+                                                  impl="torch", chunk_size=4, return_stats=True)
+            results[name] = [loss.detach(), stats.argmax, *torch.autograd.grad(loss, inputs, upstream(reduction))]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("vocab_parallel")
+    mp.spawn(worker, args=(str(out_dir / "store"), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_unsharded(rank_results, name):
+    vocab_size, reduction = CASES[name]
+    hidden, weight, bias, mask = case_inputs(vocab_size)
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    loss, stats = ceu.linear_lmf_loss(*inputs, vocab_size=vocab_size, mask=mask, reduction=reduction, impl="torch",
+                                      return_stats=True)
+    grad_hidden, grad_weight, grad_bias = torch.autograd.grad(loss, inputs, upstream(reduction))
+    assert stats.argmax[0] == 5  # the tie across shards goes to the lower global index
+    for rank, (got_loss, got_argmax, got_hidden, got_weight, got_bias) in enumerate(r[name] for r in rank_results):
+        rows = slice(rank * SHARD_ROWS, (rank + 1) * SHARD_ROWS)
+        torch.testing.assert_close(got_loss, loss.detach())
+        assert torch.equal(got_argmax, stats.argmax)
+        torch.testing.assert_close(got_hidden, grad_hidden)
+        torch.testing.assert_close(got_weight, grad_weight[rows])
+        torch.testing.assert_close(got_bias, grad_bias[rows])
