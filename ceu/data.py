@@ -1,0 +1,138 @@
+"""Unlearning data: TOFU-format QA (``question``, ``answer``, optional ``paraphrased_answer``, ``perturbed_answer``)
+and MUSE-style raw text, loaded with ``datasets`` and tokenised into ``{"input_ids", "labels"}`` samples whose
+prompt tokens are labelled ``IGNORE_INDEX`` so only the answer (or the text) counts.
+
+Sources are a local ``.json``/``.jsonl`` file, a local folder holding ``<split>.json`` (TOFU's own layout), or a
+hub dataset name with a config, e.g. ``load_records("locuslab/TOFU", "forget10")``.
+"""
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+QA_FIELDS = ("question", "answer")
+
+
+def load_records(source: str, config: str | None = None, split: str = "train"):
+    """A ``datasets.Dataset`` from a local JSON/JSONL file, a folder with ``<config>.json(l)``, or the hub."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        if config is None:
+            raise ValueError(f"{source} is a folder: name the split file to read (e.g. config='forget10')")
+        candidates = [path / f"{config}{suffix}" for suffix in (".json", ".jsonl")]
+        found = [candidate for candidate in candidates if candidate.is_file()]
+        if not found:
+            raise FileNotFoundError(f"no {config}.json or {config}.jsonl in {source}")
+        path = found[0]
+    if path.is_file():
+        records = datasets.load_dataset("json", data_files=str(path), split="train")
+        where = str(path)
+    elif path.suffix in (".json", ".jsonl"):
+        raise FileNotFoundError(f"no such data file: {source}")
+    else:
+        records = datasets.load_dataset(source, config, split=split)
+        where = f"{source} [{config}/{split}]"
+    if len(records) == 0:
+        raise ValueError(f"{where} is empty")
+    return records
+
+
+def check_fields(records, fields: Iterable[str], where: str = "dataset") -> None:
+    """Raise a ``ValueError`` for an empty dataset or a missing field, naming the fields that are there."""
+    if len(records) == 0:
+        raise ValueError(f"{where} is empty")
+    if hasattr(records, "column_names"):
+        rows = [(None, dict.fromkeys(records.column_names))]
+    else:
+        rows = enumerate(records)
+    for index, record in rows:
+        for field in fields:
+            if field not in record:
+                sample = "" if index is None else f" sample {index}"
+                raise ValueError(f"{where}{sample} has no {field!r} field (fields: {', '.join(record)})")
+
+
+@dataclass(frozen=True)
+class QATemplate:
+    """How a question becomes the prompt; the answer follows it directly, then EOS.
+
+    ``prompt`` is a format string with ``{question}``. ``chat=True`` uses the tokenizer's chat template instead (a user
+    turn and the generation prompt), as instruction-tuned models expect.
+    """
+
+    prompt: str = "Question: {question}\nAnswer: "
+    chat: bool = False
+
+
+def encode_qa(tokenizer, question: str, answer: str, template: QATemplate = QATemplate(),
+              max_length: int | None = None) -> dict:
+    """``input_ids = [BOS] prompt answer [EOS]`` with the prompt (and BOS) labelled ``IGNORE_INDEX``.
+
+    Prompt and answer are tokenised separately so the boundary is exact. Truncation cuts from the right; a sample with
+    no answer token left raises ``ValueError``.
+    """
+    if template.chat:
+        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+    else:
+        prompt_ids = tokenizer(template.prompt.format(question=question), add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None:
+            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    input_ids = (list(prompt_ids) + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(f"no answer token left after truncation to max_length={max_length} "
+                         f"(prompt is {len(prompt_ids)} tokens): {question[:60]!r}")
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_qa(records, tokenizer, template: QATemplate = QATemplate(), max_length: int | None = 512,
+                answer_field: str = "answer", where: str = "dataset") -> list[dict]:
+    """Tokenise every QA record (see :func:`encode_qa`); errors name the sample's index."""
+    check_fields(records, ("question", answer_field), where)
+    samples = []
+    for index, record in enumerate(records):
+        try:
+            samples.append(encode_qa(tokenizer, record["question"], record[answer_field], template, max_length))
+        except ValueError as error:
+            raise ValueError(f"{where} sample {index}: {error}") from None
+    return samples
+
+
+def tokenize_text(records, tokenizer, max_length: int = 2048, text_field: str = "text",
+                  where: str = "dataset") -> list[dict]:
+    """MUSE-style raw text: each document cut into ``max_length``-token chunks in which every token counts."""
+    check_fields(records, (text_field,), where)
+    samples = []
+    for index, record in enumerate(records):
+        ids = tokenizer(record[text_field], add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id] + ids
+        if len(ids) < 2:
+            raise ValueError(f"{where} sample {index}: text has no token to predict")
+        for start in range(0, len(ids) - 1, max_length):
+            chunk = ids[start:start + max_length]
+            if len(chunk) > 1:
+                samples.append({"input_ids": chunk, "labels": list(chunk)})
+    return samples
+
+
+def pad_batch(samples: list[Mapping], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+    length = max(len(sample["input_ids"]) for sample in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        size = len(sample["input_ids"])
+        input_ids[row, :size] = torch.tensor(sample["input_ids"])
+        labels[row, :size] = torch.tensor(sample["labels"])
+        attention_mask[row, :size] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,94 @@
+"""ceu.data: TOFU-format loading from local files, QA templating with the prompt masked, raw text, clear errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ceu.data import IGNORE_INDEX, QATemplate, encode_qa, load_records, pad_batch, tokenize_qa, tokenize_text
+
+TOFU_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tofu_legacy"
+
+
+class WordTokenizer:
+    """The slice of the Hugging Face tokenizer interface that ceu.data uses: ids are word lengths + 10."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [10 + len(word) for word in text.split()]}
+
+
+TOKENIZER = WordTokenizer()
+TEMPLATE = QATemplate(prompt="Q: {question} A:")
+
+
+def test_encode_qa_masks_bos_and_prompt():
+    sample = encode_qa(TOKENIZER, "who is it ?", "an author", TEMPLATE)
+    prompt = [1, 12, 13, 12, 12, 11, 12]  # BOS, "Q:", "who", "is", "it", "?", "A:"
+    assert sample["input_ids"] == prompt + [12, 16, 2]
+    assert sample["labels"] == [IGNORE_INDEX] * len(prompt) + [12, 16, 2]
+
+
+def test_encode_qa_truncates_from_the_right_and_rejects_answerless_samples():
+    assert encode_qa(TOKENIZER, "q", "a b c", TEMPLATE, max_length=5)["labels"] == [IGNORE_INDEX] * 4 + [11]
+    with pytest.raises(ValueError, match="no answer token left after truncation to max_length=4"):
+        encode_qa(TOKENIZER, "q", "a b c", TEMPLATE, max_length=4)
+
+
+def test_tokenize_qa_names_the_sample_and_the_missing_field():
+    records = [{"question": "q", "answer": "a"}, {"question": "q"}]
+    with pytest.raises(ValueError, match=r"forget sample 1 has no 'answer' field \(fields: question\)"):
+        tokenize_qa(records, TOKENIZER, TEMPLATE, where="forget")
+    with pytest.raises(ValueError, match="forget is empty"):
+        tokenize_qa([], TOKENIZER, TEMPLATE, where="forget")
+    with pytest.raises(ValueError, match="forget sample 0: no answer token left"):
+        tokenize_qa(records[:1], TOKENIZER, TEMPLATE, max_length=2, where="forget")
+
+
+def test_tokenize_qa_other_answer_field():
+    [sample] = tokenize_qa([{"question": "q", "answer": "a", "paraphrased_answer": "b c"}], TOKENIZER, TEMPLATE,
+                           answer_field="paraphrased_answer")
+    assert sample["labels"][-3:] == [11, 11, 2]
+
+
+def test_tokenize_text_chunks_every_token_counted():
+    samples = tokenize_text([{"text": "a b c d e"}], TOKENIZER, max_length=4)
+    assert [s["input_ids"] for s in samples] == [[1, 11, 11, 11], [11, 11]]
+    assert all(s["labels"] == s["input_ids"] for s in samples)
+    with pytest.raises(ValueError, match="no 'text' field"):
+        tokenize_text([{"body": "a"}], TOKENIZER)
+
+
+def test_pad_batch_right_pads():
+    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}], 0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_load_records_from_json_lines_and_json_array(tmp_path):
+    rows = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
+    (tmp_path / "forget10.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    (tmp_path / "array.json").write_text(json.dumps(rows))
+    assert load_records(str(tmp_path), "forget10")["answer"] == ["a1", "a2"]
+    assert load_records(str(tmp_path / "array.json"))["question"] == ["q1", "q2"]
+
+
+def test_load_records_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        load_records(str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="no forget05.json or forget05.jsonl"):
+        load_records(str(tmp_path), "forget05")
+    with pytest.raises(ValueError, match="name the split file"):
+        load_records(str(tmp_path))
+
+
+@pytest.mark.skipif(not TOFU_FIXTURES.is_dir(), reason="TOFU fixtures not found")
+def test_load_records_reads_tofus_own_files():
+    records = load_records(str(TOFU_FIXTURES / "world_facts_perturbed.json"))
+    assert records[0]["question"] == "Where would you find the Eiffel Tower?"
+    assert records[0]["answer"] == "Paris" and len(records[0]["perturbed_answer"]) == 3
+    samples = tokenize_qa(records, TOKENIZER, where="world facts")
+    assert len(samples) == len(records)
