@@ -29,5 +29,12 @@ def resolve(impl: str, device: torch.device) -> types.ModuleType:
             raise _unavailable(impl, f"triton is not installed ({error})") from error
         return triton_backend
     if impl == "cuda":
-        raise _unavailable(impl, "the CUDA extension ceu_kernels._C is not part of this build yet")
+        if device.type != "cuda":
+            raise _unavailable(impl, f"the CUDA kernels need CUDA tensors (got {device.type!r})")
+        from ceu_kernels import cuda
+        try:
+            cuda.kernels()
+        except RuntimeError as error:
+            raise _unavailable(impl, str(error)) from error
+        return cuda
     raise ValueError(f"unknown impl {impl!r}")
