@@ -64,11 +64,11 @@ def test_values_and_grads_match_reference(device, impl, shape, variant, reductio
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
 def test_gradcheck_float64(device, impl):
-    hidden, weight, bias = head_inputs(11, 17, 23, torch.float64, device, bias=True)
-    mask = random_mask((11,), device)
+    hidden, weight, bias = head_inputs(7, 9, 13, torch.float64, device, bias=True)
+    mask = random_mask((7,), device)
     torch.autograd.gradcheck(
-        lambda h, w, b: ceu.linear_lmf_loss(h, w, b, mask=mask, impl=impl, chunk_size=4, vocab_size=21),
-        (leaf(hidden), leaf(weight), leaf(bias)))
+        lambda h, w, b: ceu.linear_lmf_loss(h, w, b, mask=mask, impl=impl, chunk_size=3, vocab_size=11),
+        (leaf(hidden), leaf(weight), leaf(bias)), fast_mode=impl != "torch")  # full Jacobians are slow in an interpreter
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
