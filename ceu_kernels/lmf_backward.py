@@ -90,7 +90,7 @@ def _segment_sum_kernel(order, segment_start, coef, hidden, grad_weight, grad_bi
         stop = tl.load(segment_start + row + 1)
         if stop > start:
             total = tl.zeros((BLOCK_H,), dtype=ACC)
-            total_b = tl.zeros((), dtype=ACC)
+            total_c = tl.zeros((BLOCK_M,), dtype=ACC)
             for m0 in range(start, stop, BLOCK_M):
                 slots = m0 + tl.arange(0, BLOCK_M)
                 slot_ok = slots < stop
@@ -100,13 +100,13 @@ def _segment_sum_kernel(order, segment_start, coef, hidden, grad_weight, grad_bi
                     h = tl.load(hidden + (tokens * stride_hidden)[:, None] + ks[None, :],
                                 mask=slot_ok[:, None] & k_ok[None, :], other=0.0)
                     total += tl.sum(c[:, None] * h.to(ACC), axis=0)
-                total_b += tl.sum(c, axis=0)
+                total_c += c
             if WRITE_WEIGHT:
                 grad_row = grad_weight + row * stride_grad + ks
                 tl.store(grad_row, tl.load(grad_row, mask=k_ok) + total, mask=k_ok)
             if WRITE_BIAS:
                 if tl.program_id(1) == 0:
-                    tl.store(grad_bias + row, tl.load(grad_bias + row) + total_b)
+                    tl.store(grad_bias + row, tl.load(grad_bias + row) + tl.sum(total_c, axis=0))
 
 
 @triton.jit
