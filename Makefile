@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP_PACKAGES := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest
+PIP_PACKAGES := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest hypothesis
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
