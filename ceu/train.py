@@ -1,0 +1,293 @@
+"""The unlearning loop: primal-dual unlearning (PDU) with the fused LM-head losses.
+
+``unlearn(model, forget_data, retain_data, config)`` pairs each forget micro-batch with a retain micro-batch, takes the
+final hidden states of the model and computes the LMF forget loss and the retain cross-entropy with the fused
+functions on the LM-head weight (no ``[tokens, V]`` logits), minimises the Lagrangian with AdamW and updates λ once
+per optimizer step (:class:`ceu.primal_dual.PrimalDual`). Read top to bottom: data, model, optimizer, loop, log.
+"""
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ceu.cross_entropy import linear_cross_entropy
+from ceu.data import IGNORE_INDEX, pad_batch
+from ceu.lmf import linear_lmf_loss
+from ceu.primal_dual import PrimalDual, relative_epsilon
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+CHOICES = {"forget_mask": ("shifted", "unshifted"), "dual_update": ("optimizer_step", "micro_batch"),
+           "empty_batch": ("zero", "nan"), "mixed_precision": ("auto", "bf16", "no"), "lr_schedule": LR_SCHEDULES}
+
+
+@dataclass
+class UnlearnConfig:
+    """Every knob of :func:`unlearn`. The defaults are the PDU authors' TOFU settings (λ₀=100, η_λ=5, ε=0.3, 5 warm-up
+    epochs, lr 1e-5, 10 epochs); MUSE used λ₀=50, η_λ=1, 3 warm-up epochs."""
+
+    epochs: float = 10.0
+    lr: float = 1e-5
+    batch_size: int = 4                   # forget samples per micro-batch, paired with as many retain samples
+    grad_accum_steps: int = 1             # micro-batches per optimizer step
+    weight_decay: float = 0.01
+    lr_schedule: str = "linear"           # "constant", "linear" or "cosine" decay after the warm-up
+    lr_warmup_ratio: float = 0.0          # fraction of the optimizer steps with a linear LR warm-up
+    max_grad_norm: float | None = 1.0     # gradient clipping (None: off)
+    lambda_init: float = 100.0            # λ₀
+    dual_lr: float = 5.0                  # η_λ
+    epsilon: float = 0.3                  # bound on the retain loss ...
+    epsilon_alpha: float | None = None    # ... or, when set, ε = (1 + α)·L_rtn(θ₀) measured on the retain set first
+    dual_warmup_epochs: float = 5.0       # λ stays at λ₀ this long
+    forget_weight: float = 1.0            # γ
+    impl: str = "auto"                    # fused-loss backend: "auto", "torch", "triton", "cuda"
+    mixed_precision: str = "auto"         # "auto" (bf16 autocast where the GPU supports it), "bf16" or "no"
+    seed: int = 0                         # data order
+    log_every: int = 1                    # optimizer steps between log lines (the only host syncs in the loop)
+    log_path: str | None = None           # JSONL log; None: no file
+    progress: bool = True                 # tqdm bar
+    # Reproduce the reference implementation (open-unlearning's PDU) instead of fixing it:
+    forget_mask: str = "shifted"          # "unshifted": its forget mask labels != -100 is off by one position
+    dual_update: str = "optimizer_step"   # "micro_batch": it updates λ per micro-batch from the local rank's loss
+    empty_batch: str = "zero"             # "nan": it divides by zero when a batch has no answer token
+
+    def __post_init__(self):
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+@dataclass
+class UnlearnResult:
+    epsilon: float
+    final_lambda: float
+    steps: int
+    initial_retain_loss: float | None
+    primal_dual: PrimalDual
+
+
+def causal_lm(model):
+    """The ``*ForCausalLM`` inside DDP, ``torch.compile`` and PEFT wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def lm_head(model) -> torch.nn.Linear:
+    """The LM head, checked to be a plain linear layer whose output is the logits."""
+    lm = causal_lm(model)
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(lm.config, name, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"{type(lm).__name__} transforms its logits ({name}={getattr(lm.config, name)}):"
+                                      " the fused losses need logits = hidden @ W.T + b")
+    head = lm.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"the LM head is a {type(head).__name__}, not torch.nn.Linear (an adapter on the head?): "
+                        "the fused losses need its plain weight")
+    return head
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (post-norm) hidden states ``[B, T, H]`` from the model's own forward with the LM head bypassed.
+
+    The head is swapped for an identity for the duration of the call, so the top-level forward still runs (DDP's
+    gradient sync, PEFT and accelerate wrappers keep working) while no logits are computed.
+    """
+    lm = causal_lm(model)
+    head = lm_head(model)
+    lm.set_output_embeddings(torch.nn.Identity())
+    try:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        lm.set_output_embeddings(head)
+    return outputs.logits
+
+
+def head_parameters(model, dtype: torch.dtype):
+    """LM-head weight and bias in ``dtype`` (the hidden states' dtype under autocast)."""
+    head = lm_head(model)
+    weight = head.weight.to(dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return weight, bias
+
+
+def answer_token_losses(model, batch: dict, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per answer token ``[B, T-1]`` (0 elsewhere) and the answer-token mask."""
+    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    weight, bias = head_parameters(model, hidden.dtype)
+    targets = batch["labels"][:, 1:]
+    losses = linear_cross_entropy(hidden, weight, targets, bias, reduction="none", impl=impl)
+    return losses, targets != IGNORE_INDEX
+
+
+def pdu_losses(model, forget: dict, retain: dict, config: UnlearnConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_fgt, L_rtn)`` of one micro-batch pair: the LMF loss over the forget answer tokens and the token-mean
+    cross-entropy over the retain answer tokens, both fused on the LM-head weight."""
+    forget_hidden = final_hidden_states(model, forget["input_ids"], forget["attention_mask"])
+    weight, bias = head_parameters(model, forget_hidden.dtype)
+    if config.forget_mask == "shifted":  # position t predicts token t+1: count it when t+1 is an answer token
+        forget_hidden, forget_mask = forget_hidden[:, :-1], forget["labels"][:, 1:] != IGNORE_INDEX
+    else:
+        forget_mask = forget["labels"] != IGNORE_INDEX
+    retain_hidden = final_hidden_states(model, retain["input_ids"], retain["attention_mask"])[:, :-1]
+    retain_targets = retain["labels"][:, 1:]
+    if config.empty_batch == "nan":
+        forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, reduction="sum", impl=config.impl)
+        retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, reduction="sum",
+                                           impl=config.impl)
+        return forget_loss / forget_mask.sum(), retain_loss / (retain_targets != IGNORE_INDEX).sum()
+    forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, impl=config.impl)
+    retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, impl=config.impl)
+    return forget_loss, retain_loss
+
+
+@torch.no_grad()
+def dataset_loss(model, samples: list[dict], pad_token_id: int = 0, batch_size: int = 32,
+                 impl: str = "auto") -> float:
+    """Token-mean cross-entropy over every answer token of ``samples`` (the retain loss of the constraint)."""
+    device = next(model.parameters()).device
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for start in range(0, len(samples), batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(samples[start:start + batch_size], pad_token_id).items()}
+        losses, mask = answer_token_losses(model, batch, impl)
+        total += losses.float().sum()
+        count += mask.sum()
+    return (total / count.clamp_min(1)).item()
+
+
+def autocast_context(config: UnlearnConfig, device: torch.device):
+    """bf16 autocast on GPUs that support it (``"auto"``), everywhere for ``"bf16"``, never for ``"no"``."""
+    use_bf16 = config.mixed_precision == "bf16" or (
+        config.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then constant, linear or cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def micro_batch_plan(n_forget: int, n_retain: int, config: UnlearnConfig) -> list[tuple[list[int], list[int]]]:
+    """Seeded ``(forget indices, retain indices)`` per micro-batch: an epoch is one shuffled pass over the forget
+    set; retain samples come from shuffled passes over the retain set, as many as forget samples in each pair."""
+    generator = torch.Generator().manual_seed(config.seed)
+    per_epoch = math.ceil(n_forget / config.batch_size)
+    total = max(1, round(config.epochs * per_epoch))
+    plan, retain_queue = [], []
+    while len(plan) < total:
+        order = torch.randperm(n_forget, generator=generator).tolist()
+        for start in range(0, n_forget, config.batch_size):
+            forget_indices = order[start:start + config.batch_size]
+            while len(retain_queue) < len(forget_indices):
+                retain_queue += torch.randperm(n_retain, generator=generator).tolist()
+            retain_indices, retain_queue = retain_queue[:len(forget_indices)], retain_queue[len(forget_indices):]
+            plan.append((forget_indices, retain_indices))
+    return plan[:total]
+
+
+def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: UnlearnConfig = UnlearnConfig(),
+            pad_token_id: int = 0) -> UnlearnResult:
+    """Unlearn ``forget_data`` while keeping the retain loss on ``retain_data`` at most ε (PDU).
+
+    ``forget_data``/``retain_data`` are tokenised samples ``{"input_ids", "labels"}`` (see :mod:`ceu.data`); the
+    model is any Hugging Face causal LM (or a PEFT model: only trainable parameters are optimised). Returns ε, the
+    final λ and the :class:`PrimalDual` state. Writes a JSONL line per ``log_every`` optimizer steps to ``log_path``.
+    """
+    if not forget_data or not retain_data:
+        raise ValueError(f"need forget and retain samples, got {len(forget_data)} and {len(retain_data)}")
+    device = next(model.parameters()).device
+
+    # Data: micro-batch pairs, grouped into optimizer steps.
+    plan = micro_batch_plan(len(forget_data), len(retain_data), config)
+    windows = [plan[i:i + config.grad_accum_steps] for i in range(0, len(plan), config.grad_accum_steps)]
+    steps_per_epoch = math.ceil(math.ceil(len(forget_data) / config.batch_size) / config.grad_accum_steps)
+
+    # The constraint and its dual variable.
+    initial_retain_loss = None
+    epsilon = config.epsilon
+    if config.epsilon_alpha is not None:
+        model.eval()
+        initial_retain_loss = dataset_loss(model, retain_data, pad_token_id, impl=config.impl)
+        epsilon = relative_epsilon(initial_retain_loss, config.epsilon_alpha)
+    primal_dual = PrimalDual(config.lambda_init, config.dual_lr, epsilon,
+                             warmup_steps=round(config.dual_warmup_epochs * steps_per_epoch),
+                             forget_weight=config.forget_weight, update_every=config.dual_update)
+
+    # Optimizer and LR schedule over the trainable parameters only (a frozen head gets no dW).
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    warmup_steps = round(config.lr_warmup_ratio * len(windows))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, len(windows), warmup_steps, config.lr_schedule))
+
+    log_file = None
+    if config.log_path:
+        Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(config.log_path, "w")
+    model.train()
+    forget_sum = retain_sum = torch.zeros((), device=device)
+    logged_micro_batches, logged_tokens, last_log_time = 0, 0, time.perf_counter()
+    bar = tqdm(windows, desc="unlearn", disable=not config.progress, dynamic_ncols=True)
+    for step, window in enumerate(bar):
+        for forget_indices, retain_indices in window:
+            forget = pad_batch([forget_data[i] for i in forget_indices], pad_token_id)
+            retain = pad_batch([retain_data[i] for i in retain_indices], pad_token_id)
+            logged_tokens += int(forget["attention_mask"].sum() + retain["attention_mask"].sum())
+            forget = {k: v.to(device, non_blocking=True) for k, v in forget.items()}
+            retain = {k: v.to(device, non_blocking=True) for k, v in retain.items()}
+            with autocast_context(config, device):
+                forget_loss, retain_loss = pdu_losses(model, forget, retain, config)
+                loss = primal_dual.lagrangian(forget_loss, retain_loss)
+            (loss / len(window)).backward()
+            primal_dual.observe(retain_loss)
+            forget_sum = forget_sum + forget_loss.detach().float()
+            retain_sum = retain_sum + retain_loss.detach().float()
+            logged_micro_batches += 1
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        primal_dual.step()
+
+        if (step + 1) % config.log_every == 0 or step + 1 == len(windows):
+            now = time.perf_counter()
+            retain_mean = (retain_sum / logged_micro_batches).item()
+            record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
+                      "forget_loss": (forget_sum / logged_micro_batches).item(), "retain_loss": retain_mean,
+                      "lambda": primal_dual.lam.item(), "epsilon": epsilon, "slack": retain_mean - epsilon,
+                      "lr": lr, "tokens_per_s": logged_tokens / max(now - last_log_time, 1e-9),
+                      "dual_warmup": primal_dual.warming_up}
+            bar.set_postfix(fgt=f"{record['forget_loss']:.3g}", rtn=f"{retain_mean:.3g}", lam=f"{record['lambda']:.3g}")
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            forget_sum = retain_sum = torch.zeros((), device=device)
+            logged_micro_batches, logged_tokens, last_log_time = 0, 0, now
+    if log_file:
+        log_file.close()
+    model.eval()
+    return UnlearnResult(epsilon, primal_dual.lam.item(), len(windows), initial_retain_loss, primal_dual)
