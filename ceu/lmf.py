@@ -20,6 +20,22 @@ class LMFStats(NamedTuple):
     argmax: torch.Tensor
 
 
+UPCAST_CHUNK_BYTES = 8 * 2**20
+"""Bound on the float32 copy of half-precision hidden states that :func:`hidden_dot` makes at a time."""
+
+
+def hidden_dot(hidden, vector):
+    """``hidden @ vector`` accumulated in ``vector``'s dtype, upcasting half-precision hidden states a chunk at a
+    time so that no full float32 copy of ``hidden`` is ever made."""
+    if hidden.dtype == vector.dtype:
+        return hidden @ vector
+    rows = max(1, UPCAST_CHUNK_BYTES // (hidden.shape[1] * vector.element_size()))
+    out = vector.new_empty(hidden.shape[0])
+    for start in range(0, hidden.shape[0], rows):
+        torch.mv(hidden[start:start + rows].to(vector.dtype), vector, out=out[start:start + rows])
+    return out
+
+
 def masked_square(gap, mask):
     """The per-token loss from the gap ``max - mean``: zero where ``mask`` is False."""
     loss = gap.square()
@@ -53,7 +69,7 @@ class LinearLMFFunction(torch.autograd.Function):
         acc = stat_dtype(hidden.dtype)
         weight_mean = weight[:vocab_size].sum(0, dtype=acc) / vocab_size
         row_max, argmax = ops.lmf_forward(hidden, weight, bias, vocab_size, impl, chunk_size)
-        row_mean = hidden.to(acc) @ weight_mean
+        row_mean = hidden_dot(hidden, weight_mean)
         if bias is not None:
             row_mean += bias[:vocab_size].sum(dtype=acc) / vocab_size
         gap = row_max - row_mean

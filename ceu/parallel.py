@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from . import backends, checks, ops
 from .chunked import stat_dtype
-from .lmf import finish, gap_coefficient, masked_square
+from .lmf import finish, gap_coefficient, hidden_dot, masked_square
 
 
 class VocabParallelLMFFunction(torch.autograd.Function):
@@ -32,7 +32,7 @@ class VocabParallelLMFFunction(torch.autograd.Function):
         dist.all_reduce(argmax, dist.ReduceOp.MIN, group=group)
 
         weight_sum = weight[:local_real].sum(0, dtype=acc)
-        row_sum = hidden.to(acc) @ weight_sum
+        row_sum = hidden_dot(hidden, weight_sum)
         if bias is not None:
             row_sum += bias[:local_real].sum(dtype=acc)
         dist.all_reduce(row_sum, dist.ReduceOp.SUM, group=group)

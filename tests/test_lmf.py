@@ -233,3 +233,14 @@ def test_mean_reduction_counts_only_masked_tokens():
     per_token = ceu.linear_lmf_loss(hidden, weight, reduction="none")
     mean = ceu.linear_lmf_loss(hidden, weight, mask=mask)
     torch.testing.assert_close(mean, per_token[mask].mean())
+
+
+def test_half_precision_mean_is_upcast_in_chunks(monkeypatch):
+    """The mean h.w_mean + b_mean is accumulated in float32 a few tokens at a time, with the same result."""
+    hidden, weight, bias = head_inputs(23, 16, 40, torch.float16, bias=True)
+    expected = ceu.linear_lmf_loss(hidden, weight, bias, reduction="none", return_stats=True)[1].mean
+    monkeypatch.setattr(ceu.lmf, "UPCAST_CHUNK_BYTES", 3 * 16 * 4)
+    got = ceu.linear_lmf_loss(hidden, weight, bias, reduction="none", return_stats=True)[1].mean
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    reference = (hidden.double() @ weight.double().T + bias.double()).mean(-1)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
