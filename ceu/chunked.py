@@ -60,16 +60,26 @@ def lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hi
         grad_hidden = (coef[:, None] * (weight.index_select(0, argmax).to(acc) - weight_mean)).to(hidden.dtype)
     if needs_weight:
         scaled_hidden = coef[:, None] * hidden.to(acc)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        grad_weight[:vocab_size] = scaled_hidden.sum(0).div_(-vocab_size)
-        grad_weight.index_add_(0, argmax, scaled_hidden)
-        grad_weight = grad_weight.to(weight.dtype)
+        grad_weight = _rank_one_plus_scatter(argmax, scaled_hidden, scaled_hidden.sum(0) / -vocab_size,
+                                             weight.shape[0], vocab_size, weight.dtype)
     if needs_bias:
-        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
-        grad_bias[:vocab_size] = coef.sum() / -vocab_size
-        grad_bias.index_add_(0, argmax, coef)
-        grad_bias = grad_bias.to(weight.dtype)
+        grad_bias = _rank_one_plus_scatter(argmax, coef, coef.sum() / -vocab_size, weight.shape[0], vocab_size,
+                                           weight.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+def _rank_one_plus_scatter(rows, values, rank_one, n_rows, vocab_size, dtype):
+    """``rank_one`` on every real row plus the sum of ``values`` scattered by ``rows``, written once in ``dtype``.
+
+    Only the touched rows (at most one per token) are summed in ``values``' precision, so a half-precision dW needs
+    no float32 ``[V, H]`` accumulator: the output is the only ``[V, H]`` tensor.
+    """
+    touched, slot = torch.unique(rows, return_inverse=True)
+    sums = values.new_zeros((touched.shape[0], *values.shape[1:])).index_add_(0, slot, values)
+    out = torch.zeros((n_rows, *values.shape[1:]), dtype=dtype, device=values.device)
+    out[:vocab_size] = rank_one.to(dtype)
+    out[touched] = (sums + rank_one).to(dtype)
+    return out
 
 
 def _ce_buffers(hidden, vocab_size, chunk_size):
