@@ -15,9 +15,23 @@ def _unavailable(impl: str, why: str) -> RuntimeError:
     return RuntimeError(f"impl={impl!r} is not available: {why}. Use impl='torch' or impl='auto'.")
 
 
+AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
+"""What ``impl="auto"`` tries on CUDA devices, first available wins: the fully fused Triton kernels never write
+logits, the CUDA backend writes a bounded chunk of them, the chunked PyTorch path is the fallback. Not yet confirmed
+by a GPU benchmark (see benchmarks/RESULTS.md); on every other device ``"auto"`` is ``"torch"``."""
+
+
 def resolve(impl: str, device: torch.device) -> types.ModuleType:
     """The backend module for ``impl`` on ``device``; ``"auto"`` picks the fastest one available there."""
-    if impl in ("torch", "auto"):
+    if impl == "auto":
+        if device.type != "cuda":
+            return chunked
+        for candidate in AUTO_ORDER_CUDA:
+            try:
+                return resolve(candidate, device)
+            except RuntimeError:
+                continue
+    if impl == "torch":
         return chunked
     if impl == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -63,3 +63,11 @@ def test_unavailable_backend_says_what_to_use():
     args = good()
     with pytest.raises(RuntimeError, match="impl='cuda' is not available"):
         ceu.linear_lmf_loss(args["hidden"], args["weight"], impl="cuda")
+
+
+def test_auto_is_the_chunked_path_on_cpu_even_with_the_interpreter(monkeypatch):
+    from ceu import backends, chunked
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.resolve("auto", torch.device("cpu")) is chunked
+    assert backends.resolve("torch", torch.device("cpu")) is chunked
