@@ -253,7 +253,8 @@ def run_unlearn(args) -> int:
     if "forget_answer_prob" in unlearned:
         checks["forget_answer_prob_drop"] = learned["forget_answer_prob"] / max(unlearned["forget_answer_prob"],
                                                                                 1e-30)
-        checks["model_utility_ratio"] = unlearned["model_utility"] / learned["model_utility"]
+        checks["model_utility_ratio"] = (unlearned["model_utility"] / learned["model_utility"]
+                                         if learned["model_utility"] > 0 else None)
     results = {"epsilon": result.epsilon, "final_lambda": result.final_lambda, "steps": result.steps,
                **blocks, "checks": checks, "config": asdict(config),
                "model": args.model or "embedded tiny Llama", "forget_split": job.forget_split,
@@ -263,7 +264,7 @@ def run_unlearn(args) -> int:
     print()
     print(format_table(blocks))
     print(f"\nepsilon {result.epsilon:.4g}   final lambda {result.final_lambda:.4g}   steps {result.steps}")
-    print("checks: " + "   ".join(f"{k} {v}" if isinstance(v, bool) else f"{k} {v:.4g}" for k, v in checks.items()))
+    print("checks: " + "   ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in checks.items()))
     print(f"results, log, plot and model in {output_dir}/ ({results['wall_time_s']:.0f} s)")
     return 0
 
