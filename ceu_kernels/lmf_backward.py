@@ -2,14 +2,17 @@
 
 ``dlogits = coef * (onehot(argmax) - 1/V)`` gives ``dh = coef * (W[a] - w_mean)`` (a row gather),
 ``dW = scatter_add(rows a, coef * h) - (1/V) 1 (x) sum(coef * h)`` on the real rows, and ``db`` alike.
-dW is accumulated in fp32 (fp64 for fp64 inputs) in the output buffer itself: no other ``[V, H]`` temporary.
 
-The scatter has two forms:
+dW and db take one of two paths, chosen for memory first:
 
-* atomic (default): every row-rank-1 value is written first, then each token ``atomic_add``-s ``coef * h`` into its
-  argmax row. Fast; the summation order within a row varies from run to run.
-* deterministic: tokens are stably sorted by argmax and each vocab row sums its own segment in token order, so dW and
-  db are bitwise repeatable. Chosen by ``deterministic=True`` or by ``torch.use_deterministic_algorithms(True)``.
+* write-once: tokens are stably sorted by argmax, and one program per (vocab tile, hidden tile) sums each row's
+  segment in token order in fp32 (fp64 for fp64), adds the rank-1 value and stores the tile once in the weight's
+  dtype. The output is the only ``[V, H]`` tensor, and dW/db are bitwise repeatable by construction. Half-precision
+  weights always take it, as does every dtype under ``deterministic=True`` or
+  ``torch.use_deterministic_algorithms(True)``.
+* atomic: for float32/float64 weights otherwise, where the accumulator is the output itself. Every real row gets the
+  rank-1 value, then each token ``atomic_add``-s ``coef * h`` into its argmax row; the summation order within a row
+  varies from run to run.
 """
 import torch
 import triton
@@ -77,36 +80,55 @@ def _rank_one_kernel(weighted_sum, coef_sum, grad_weight, grad_bias, n_rows, voc
 
 
 @triton.jit
-def _segment_sum_kernel(order, segment_start, coef, hidden, grad_weight, grad_bias, n_rows, dim, stride_hidden,
-                        stride_grad, WRITE_WEIGHT: tl.constexpr, WRITE_BIAS: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Add to each vocab row of a tile the sum of ``coef * h`` over its tokens (a segment of the argmax-sorted
-    order), summed in a fixed order: one program owns each row, so the result is bitwise repeatable."""
+def _write_once_kernel(order, argmax_sorted, segment_start, coef, hidden, weighted_sum, coef_sum, grad_weight,
+                       grad_bias, n_rows, vocab_size, dim, stride_hidden, stride_grad, WRITE_WEIGHT: tl.constexpr,
+                       WRITE_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
+    """One (vocab tile, hidden tile) of dW (and db) whole, stored once in the output dtype: the rank-1 value on the
+    real rows plus, on each touched row, the sum of ``coef * h`` over its segment of the argmax-sorted tokens.
+
+    The loop visits only the tile's touched rows and walks each segment in ``BLOCK_M`` chunks in token order, so a
+    row holding every token is still one bounded loop. One program owns each output element: no atomics.
+    """
+    first_row = tl.program_id(0) * BLOCK_V
+    rows = first_row + tl.arange(0, BLOCK_V)
+    real = rows < vocab_size
     ks = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     k_ok = ks < dim
-    first_row = tl.program_id(0).to(tl.int64) * BLOCK_V  # an int64 loop index: row * stride cannot overflow
-    for row in range(first_row, tl.minimum(first_row + BLOCK_V, n_rows)):
-        start = tl.load(segment_start + row)
+    if WRITE_WEIGHT:
+        rank_one = -tl.load(weighted_sum + ks, mask=k_ok, other=0.0) / vocab_size
+        grad = tl.where(real[:, None], rank_one[None, :], 0.0)
+    if WRITE_BIAS:
+        grad_b = tl.where(real, -tl.load(coef_sum) / vocab_size, 0.0)
+    slot = tl.load(segment_start + first_row)
+    tile_stop = tl.load(segment_start + tl.minimum(first_row + BLOCK_V, n_rows))
+    while slot < tile_stop:
+        row = tl.load(argmax_sorted + slot)
         stop = tl.load(segment_start + row + 1)
-        if stop > start:
-            total = tl.zeros((BLOCK_H,), dtype=ACC)
-            total_c = tl.zeros((BLOCK_M,), dtype=ACC)
-            for m0 in range(start, stop, BLOCK_M):
-                slots = m0 + tl.arange(0, BLOCK_M)
-                slot_ok = slots < stop
-                tokens = tl.load(order + slots, mask=slot_ok, other=0)
-                c = tl.load(coef + tokens, mask=slot_ok, other=0.0)
-                if WRITE_WEIGHT:
-                    h = tl.load(hidden + (tokens * stride_hidden)[:, None] + ks[None, :],
-                                mask=slot_ok[:, None] & k_ok[None, :], other=0.0)
-                    total += tl.sum(c[:, None] * h.to(ACC), axis=0)
-                total_c += c
+        total = tl.zeros((BLOCK_H,), dtype=ACC)
+        total_c = tl.zeros((BLOCK_M,), dtype=ACC)
+        for m0 in range(slot, stop, BLOCK_M):
+            slots = m0 + tl.arange(0, BLOCK_M)
+            slot_ok = slots < stop
+            tokens = tl.load(order + slots, mask=slot_ok, other=0)
+            c = tl.load(coef + tokens, mask=slot_ok, other=0.0)
             if WRITE_WEIGHT:
-                grad_row = grad_weight + row * stride_grad + ks
-                tl.store(grad_row, tl.load(grad_row, mask=k_ok) + total, mask=k_ok)
-            if WRITE_BIAS:
-                if tl.program_id(1) == 0:
-                    tl.store(grad_bias + row, tl.load(grad_bias + row) + tl.sum(total_c, axis=0))
+                h = tl.load(hidden + offsets64(tokens, stride_hidden)[:, None] + ks[None, :],
+                            mask=slot_ok[:, None] & k_ok[None, :], other=0.0)
+                total += tl.sum(c[:, None] * h.to(ACC), axis=0)
+            total_c += c
+        if WRITE_WEIGHT:
+            grad = tl.where((rows == row)[:, None], grad + total[None, :], grad)
+        if WRITE_BIAS:
+            grad_b = tl.where(rows == row, grad_b + tl.sum(total_c, axis=0), grad_b)
+        slot = stop
+    row_ok = rows < n_rows
+    if WRITE_WEIGHT:
+        tl.store(grad_weight + offsets64(rows, stride_grad)[:, None] + ks[None, :],
+                 grad.to(grad_weight.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+    if WRITE_BIAS:
+        if tl.program_id(1) == 0:
+            tl.store(grad_bias + rows, grad_b.to(grad_bias.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -137,8 +159,8 @@ def lmf_gradients(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_h
     Args:
         coef ``[N]`` (float32, float64 for float64 inputs), argmax ``[N]`` int64, hidden ``[N, H]``,
         weight ``[V, H]``, weight_mean ``[H]`` (the mean of the real rows, in coef's dtype).
-        deterministic: bitwise-repeatable dW/db (sort + segment sums); None follows
-            ``torch.are_deterministic_algorithms_enabled()``.
+        deterministic: bitwise-repeatable dW/db (the write-once path) for every dtype; None follows
+            ``torch.are_deterministic_algorithms_enabled()``. Half-precision weights are repeatable regardless.
         blocks: ``(BLOCK_M, BLOCK_V, BLOCK_H)``; default ``DEFAULT_BLOCKS``.
     """
     if deterministic is None:
@@ -168,23 +190,27 @@ def lmf_gradients(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_h
             _weighted_hidden_sum_kernel[(n_hidden_tiles,)](
                 coef, hidden, weighted_sum, n_tokens, dim, hidden.stride(0), ACC=acc_tl, BLOCK_M=block_m,
                 BLOCK_H=block_h)
-        grad_weight = torch.empty(n_rows, dim, dtype=acc_dtype, device=hidden.device) if needs_weight else None
-        grad_bias = torch.empty(n_rows, dtype=acc_dtype, device=hidden.device) if needs_bias else None
+        coef_sum = coef.sum().reshape(1)
+        # The atomic path accumulates in acc_dtype in the output itself: only when that is the weight's dtype.
+        out_dtype = weight.dtype
+        atomic = not deterministic and out_dtype == acc_dtype
+        grad_weight = torch.empty(n_rows, dim, dtype=out_dtype, device=hidden.device) if needs_weight else None
+        grad_bias = torch.empty(n_rows, dtype=out_dtype, device=hidden.device) if needs_bias else None
         weight_out = grad_weight if needs_weight else weighted_sum
         bias_out = grad_bias if needs_bias else weighted_sum
         flags = dict(WRITE_WEIGHT=needs_weight, WRITE_BIAS=needs_bias, ACC=acc_tl, BLOCK_H=block_h)
         row_grid = (triton.cdiv(n_rows, block_v), n_hidden_tiles if needs_weight else 1)
-        _rank_one_kernel[row_grid](weighted_sum, coef.sum().reshape(1), weight_out, bias_out, n_rows, vocab_size,
-                                   dim, dim, BLOCK_V=block_v, **flags)
-        if deterministic:
+        if atomic:
+            _rank_one_kernel[row_grid](weighted_sum, coef_sum, weight_out, bias_out, n_rows, vocab_size, dim, dim,
+                                       BLOCK_V=block_v, **flags)
+            if n_tokens:
+                _scatter_kernel[(n_token_tiles, row_grid[1])](
+                    coef, argmax, hidden, weight_out, bias_out, n_tokens, dim, hidden.stride(0), dim,
+                    BLOCK_M=block_m, **flags)
+        else:
             argmax_sorted, order = torch.sort(argmax, stable=True)
             segment_start = torch.searchsorted(argmax_sorted, torch.arange(n_rows + 1, device=argmax.device))
-            _segment_sum_kernel[row_grid](order, segment_start, coef, hidden, weight_out, bias_out, n_rows, dim,
-                                          hidden.stride(0), dim, BLOCK_M=block_m, BLOCK_V=block_v, **flags)
-        elif n_tokens:
-            _scatter_kernel[(n_token_tiles, row_grid[1])](
-                coef, argmax, hidden, weight_out, bias_out, n_tokens, dim, hidden.stride(0), dim, BLOCK_M=block_m,
-                **flags)
-    grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-    grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
+            _write_once_kernel[row_grid](
+                order, argmax_sorted, segment_start, coef, hidden, weighted_sum, coef_sum, weight_out, bias_out,
+                n_rows, vocab_size, dim, hidden.stride(0), dim, BLOCK_M=block_m, BLOCK_V=block_v, **flags)
     return grad_hidden, grad_weight, grad_bias
