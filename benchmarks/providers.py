@@ -154,8 +154,9 @@ def providers_for(case: Case) -> list[Provider]:
             if case.loss in p.losses and not (p.half_only and case.dtype in ("float32", "float64"))]
 
 
-def float64_reference(case: Case, inputs: Inputs, chunk_bytes: int = 2**28) -> dict[str, torch.Tensor]:
+def float64_reference(case: Case, inputs: Inputs) -> dict[str, torch.Tensor]:
     """Loss and gradients in float64 on materialised logits, a chunk of tokens at a time to bound memory."""
+    chunk_bytes = 2**30 if inputs.hidden.is_cuda else 2**28
     weight = inputs.weight.detach().double().requires_grad_()
     grad_hidden = torch.empty(inputs.hidden.shape, dtype=torch.float64, device=weight.device)
     total = torch.zeros((), dtype=torch.float64, device=weight.device)

@@ -26,6 +26,7 @@ MICRO_COLUMNS = META_COLUMNS + [
 E2E_COLUMNS = META_COLUMNS + [
     "model", "params_m", "tokens_per_batch", "dtype", "variant", "impl", "status", "median_ms", "p20_ms", "p80_ms",
     "reps", "peak_mb", "total_peak_mb", "loss_fgt", "loss_rtn"]
+MARKERS = "os^vDx+*"
 PROVIDER_ORDER = ["floor", "eager-fp32", "eager", "compile", "ceu-torch", "ceu-triton", "ceu-cuda", "liger", "cce"]
 
 
@@ -128,7 +129,8 @@ def micro_tables(rows: list[dict]) -> str:
         out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         tokens_list = sorted({r["tokens"] for r in group_rows})
         for tokens in tokens_list:
-            present = {r["provider"] for r in group_rows if r["tokens"] == tokens}
+            present = {r["provider"] for r in group_rows
+                       if r["tokens"] == tokens and not r.get("status", "").startswith("skipped")}
             for provider in [p for p in PROVIDER_ORDER if p in present]:
                 get = lambda mode, p=provider: by_key.get((loss, preset, tokens, dtype, p, mode), {})  # noqa: E731
                 out.append(_micro_line(tokens, provider, get, by_key.get((loss, preset, tokens, dtype,
@@ -222,7 +224,8 @@ def plot(rows: list[dict], out_dir: Path, suite: str) -> list[Path]:
             points = sorted((r["tokens"], r) for r in group if r["provider"] == provider and r["mode"] == mode)
             if not points:
                 continue
-            style = {"linestyle": "--", "color": "grey"} if provider == "floor" else {"marker": "o"}
+            style = ({"linestyle": "--", "color": "grey"} if provider == "floor"
+                     else {"marker": MARKERS[PROVIDER_ORDER.index(provider) % len(MARKERS)], "fillstyle": "none"})
             time_axis.plot([t for t, _ in points], [r["median_ms"] for _, r in points], label=provider, **style)
             memory_points = [(t, r["peak_mb"]) for t, r in points if r.get("peak_mb") is not None]
             if memory_points:
@@ -322,8 +325,8 @@ def key_ratios(suite: str, rows: list[dict], e2e_rows: list[dict]) -> list[str]:
         total_saving = eager["total_peak_mb"] / fused["total_peak_mb"]
         targets = (f" (targets ≥ 1.5× and ≥ 2×: {verdict(speedup, 1.5, True)}, {verdict(saving, 2.0, True)})"
                    if suite == "gpu" else "")
-        lines.append(f"PDU step, {eager['model']}: fused is {speedup:.2f}× faster than eager, with {saving:.2f}× less "
-                     f"peak memory over model+optimizer state ({total_saving:.2f}× less in total){targets}")
+        lines.append(f"PDU step, {eager['model']}: fused over eager, speed-up {speedup:.2f}×, peak memory over the "
+                     f"model+optimizer state {saving:.2f}× smaller ({total_saving:.2f}× counting that state){targets}")
     return lines
 
 
