@@ -181,3 +181,11 @@ def test_lora_model_trains_adapters_and_leaves_the_frozen_head_alone():
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if p.requires_grad)
     with pytest.raises(TypeError, match="not torch.nn.Linear"):
         lm_head(peft.get_peft_model(tiny_model(), peft.LoraConfig(r=2, target_modules=["lm_head"])))
+
+
+@pytest.mark.parametrize("overrides", [{"mixed_precision": "bf16"},
+                                       {"dual_update": "micro_batch", "grad_accum_steps": 2}])
+def test_loop_runs_under_bf16_autocast_and_the_reference_dual_update(overrides):
+    config = UnlearnConfig(epochs=2, batch_size=2, dual_warmup_epochs=0, epsilon=0.0, progress=False, **overrides)
+    result = unlearn(tiny_model(), qa_samples(4), qa_samples(4, seed=1), config)
+    assert math.isfinite(result.final_lambda) and result.final_lambda > config.lambda_init
