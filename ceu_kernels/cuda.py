@@ -8,7 +8,8 @@ The four backend functions follow :mod:`ceu.chunked`. The LMF forward and the cr
 token chunk into a buffer reused across chunks and bounded by ``CHUNK_BUDGET_BYTES`` (or ``chunk_size`` tokens), then
 one kernel reads the chunk once. The cross-entropy backward tiles tokens x vocabulary under the same bound, all tokens
 per tile when a wide enough vocabulary slice fits, so each slice of ``dW`` is written by one GEMM instead of being
-re-read and re-written once per token chunk.
+re-read and re-written once per token chunk. A half-precision gradient summed over several tiles accumulates in
+float32 inside cuBLAS through ``torch.mm``/``torch.addmm(..., out_dtype=torch.float32)`` (present in torch 2.11).
 """
 import importlib
 import os
