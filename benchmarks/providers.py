@@ -176,12 +176,13 @@ def float64_reference(case: Case, inputs: Inputs) -> dict[str, torch.Tensor]:
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor, rows: int = 4096) -> float:
-    """``||value - reference|| / ||reference||`` (Frobenius) in float64, a block of rows at a time."""
+    """``||value - reference|| / ||reference||`` (Frobenius) in float64, a block of rows at a time; the reference
+    may live on another device (the host), each block is brought to ``value``'s."""
     columns = value.shape[-1] if value.dim() else 1
     value, reference = value.reshape(-1, columns), reference.reshape(-1, columns)
     error = scale = 0.0
     for start in range(0, value.shape[0], rows):
-        ref = reference[start:start + rows].double()
+        ref = reference[start:start + rows].to(value.device, torch.float64)
         error += (value[start:start + rows].double() - ref).square().sum().item()
         scale += ref.square().sum().item()
     return (error / scale) ** 0.5 if scale > 0 else error**0.5

@@ -144,14 +144,17 @@ class Suite:
 
 
 class _ReferenceOnce:
-    """The float64 reference of a case, computed on first use and kept for the case's other providers."""
+    """The float64 reference of a case, computed on first use and kept on the host for the case's other providers
+    (so that it takes no device memory from their measurements)."""
 
     def __init__(self, case: Case, device: torch.device):
         self.case, self.device, self.value = case, device, None
 
     def __call__(self) -> dict:
         if self.value is None:
-            self.value = float64_reference(self.case, make_inputs(self.case, self.device))
+            reference = float64_reference(self.case, make_inputs(self.case, self.device))
+            self.value = {name: tensor.cpu() for name, tensor in reference.items()}
+            _release(self.device)
         return self.value
 
 
