@@ -9,7 +9,7 @@ float64 inputs). The GEMMs here run in the inputs' dtype, so half-precision logi
 """
 import torch
 
-CHUNK_BUDGET_BYTES = 64 * 2**20
+CHUNK_BUDGET_BYTES = 128 * 2**20
 """Default bound on the per-chunk logits buffer(s); ``chunk_size=`` overrides it."""
 
 
