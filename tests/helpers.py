@@ -73,3 +73,21 @@ def assert_no_worse_than_eager(name, ours, eager, reference, dtype):
         raise AssertionError(
             f"{name}: max error {worst:.3e} at {where} exceeds bound {bound:.3e} (eager {dtype} error {err_eager:.3e});"
             f" ours={ours.reshape(-1)[err_ours.argmax()].item():.6g} reference={reference.reshape(-1)[err_ours.argmax()].item():.6g}")
+
+
+def check_against_reference(loss, our_grads, reference_fn, tensors, upstream, dtype):
+    """Loss and grads of a fused call against ``reference_fn(hidden, weight, bias)`` evaluated in float64 (the
+    reference) and in the inputs' dtype (eager PyTorch's own error, which bounds ours)."""
+    reference_inputs = [leaf(t, torch.float64) for t in tensors]
+    reference = reference_fn(*reference_inputs)
+    reference_grads = grads(reference, reference_inputs, upstream)
+    eager_inputs = [leaf(t) for t in tensors]
+    eager = reference_fn(*eager_inputs)
+    eager_grads = grads(eager, eager_inputs, upstream.to(eager.dtype))
+    assert loss.dtype == torch.float32 and loss.shape == reference.shape
+    assert_no_worse_than_eager("loss", loss, eager, reference, dtype)
+    for name, got, eager_grad, expected in zip(("hidden", "weight", "bias"), our_grads, eager_grads, reference_grads):
+        if expected is None:
+            continue
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert_no_worse_than_eager(f"grad {name}", got, eager_grad, expected, dtype)

@@ -26,7 +26,7 @@ def write_jsonl(path, records):
 
 
 def test_tiny_unlearn_run_on_a_saved_model_and_tofu_format_folder(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from ceu.synthetic import TinyLlama, build_tokenizer, make_world
 
     world = make_world(n_authors=10)

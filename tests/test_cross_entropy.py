@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ceu
-from helpers import DTYPES, assert_no_worse_than_eager, device_impls, grads, head_inputs, leaf, skip_unsupported
+from helpers import DTYPES, check_against_reference, device_impls, grads, head_inputs, leaf, skip_unsupported
 
 DEVICE_IMPLS = device_impls()
 SHAPES = {"nice": ((64,), 32, 256, None), "ragged": ((3, 13), 40, 300, 290)}
@@ -48,21 +48,9 @@ def test_values_and_grads_match_reference(device, impl, shape, with_bias, reduct
     generator = torch.Generator().manual_seed(3)
     upstream = (torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5).to(device)
     ours = grads(loss, inputs, upstream.to(loss.dtype))
-
-    reference_inputs = [leaf(t, torch.float64) for t in (hidden, weight, bias)]
-    reference = reference_outputs(*reference_inputs, labels, reduction, vocab_size or vocab)
-    reference_grads = grads(reference, reference_inputs, upstream)
-    eager_inputs = [leaf(t) for t in (hidden, weight, bias)]
-    eager = reference_outputs(*eager_inputs, labels, reduction, vocab_size or vocab)
-    eager_grads = grads(eager, eager_inputs, upstream.to(eager.dtype))
-
-    assert loss.dtype == torch.float32 and loss.shape == reference.shape
-    assert_no_worse_than_eager("loss", loss, eager, reference, dtype)
-    for name, got, eager_grad, expected in zip(("hidden", "weight", "bias"), ours, eager_grads, reference_grads):
-        if expected is None:
-            continue
-        assert got.dtype == dtype and got.shape == expected.shape
-        assert_no_worse_than_eager(f"grad {name}", got, eager_grad, expected, dtype)
+    check_against_reference(loss, ours,
+                            lambda h, w, b: reference_outputs(h, w, b, labels, reduction, vocab_size or vocab),
+                            (hidden, weight, bias), upstream, dtype)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)

@@ -1,6 +1,5 @@
 """Two CPU processes (gloo) running ceu.unlearn on a DDP-wrapped model with different data: the forward with the LM
 head bypassed still goes through DDP, so gradients are averaged and both ranks end with the same weights and λ."""
-import os
 import sys
 from pathlib import Path
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ceu
-from helpers import (DTYPES, assert_no_worse_than_eager, device_impls, grads, head_inputs, leaf, random_mask,
+from helpers import (DTYPES, check_against_reference, device_impls, grads, head_inputs, leaf, random_mask,
                      skip_unsupported)
 
 DEVICE_IMPLS = device_impls()
@@ -45,21 +45,8 @@ def test_values_and_grads_match_reference(device, impl, shape, variant, reductio
     loss = ceu.linear_lmf_loss(*inputs, mask=mask, reduction=reduction, impl=impl, vocab_size=vocab_size)
     upstream = upstream_for(loss)
     ours = grads(loss, inputs, upstream.to(loss.dtype))
-
-    reference_inputs = [leaf(t, torch.float64) for t in (hidden, weight, bias)]
-    reference = reference_outputs(*reference_inputs, mask, reduction, vocab_size)
-    reference_grads = grads(reference, reference_inputs, upstream)
-    eager_inputs = [leaf(t) for t in (hidden, weight, bias)]
-    eager = reference_outputs(*eager_inputs, mask, reduction, vocab_size)
-    eager_grads = grads(eager, eager_inputs, upstream.to(eager.dtype))
-
-    assert loss.dtype == torch.float32 and loss.shape == reference.shape
-    assert_no_worse_than_eager("loss", loss, eager, reference, dtype)
-    for name, got, eager_grad, expected in zip(("hidden", "weight", "bias"), ours, eager_grads, reference_grads):
-        if expected is None:
-            continue
-        assert got.dtype == dtype and got.shape == expected.shape
-        assert_no_worse_than_eager(f"grad {name}", got, eager_grad, expected, dtype)
+    check_against_reference(loss, ours, lambda h, w, b: reference_outputs(h, w, b, mask, reduction, vocab_size),
+                            (hidden, weight, bias), upstream, dtype)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
