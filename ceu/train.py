@@ -8,11 +8,14 @@ per optimizer step (:class:`ceu.primal_dual.PrimalDual`). Read top to bottom: da
 import contextlib
 import json
 import math
+import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ceu.cross_entropy import linear_cross_entropy
@@ -50,6 +53,9 @@ class UnlearnConfig:
     log_every: int = 1                    # optimizer steps between log lines (the only host syncs in the loop)
     log_path: str | None = None           # JSONL log; None: no file
     progress: bool = True                 # tqdm bar
+    checkpoint_dir: str | None = None     # where step-NNNNNN.pt checkpoints go ...
+    checkpoint_every: int = 0             # ... every this many optimizer steps (0: never)
+    resume_from: str | None = None        # a checkpoint file to continue from (same data and data-order settings)
     # Reproduce the reference implementation (open-unlearning's PDU) instead of fixing it:
     forget_mask: str = "shifted"          # "unshifted": its forget mask labels != -100 is off by one position
     dual_update: str = "optimizer_step"   # "micro_batch": it updates λ per micro-batch from the local rank's loss
@@ -62,6 +68,10 @@ class UnlearnConfig:
         for name in ("batch_size", "grad_accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every needs a checkpoint_dir")
         if self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
 
@@ -73,6 +83,8 @@ class UnlearnResult:
     steps: int
     initial_retain_loss: float | None
     primal_dual: PrimalDual
+    final_retain_loss: float | None = None  # mean retain loss of the last optimizer step
+    constraint_met: bool | None = None      # final_retain_loss <= epsilon
 
 
 def causal_lm(model):
@@ -207,27 +219,100 @@ def micro_batch_plan(n_forget: int, n_retain: int, config: UnlearnConfig) -> lis
     return plan[:total]
 
 
+def check_answer_tokens(plan: list[tuple[list[int], list[int]]], forget_data: list[dict],
+                        retain_data: list[dict]) -> None:
+    """Refuse a plan with a micro-batch that has no answer token to learn from: its loss would be a silent 0 (or NaN),
+    typically because ``max_length`` truncated the answers away."""
+    for name, data, side in (("forget", forget_data, 0), ("retain", retain_data, 1)):
+        answer_tokens = [sum(label != IGNORE_INDEX for label in sample["labels"][1:]) for sample in data]
+        for batch_index, pair in enumerate(plan):
+            if not any(answer_tokens[i] for i in pair[side]):
+                raise ValueError(f"{name} micro-batch {batch_index} (samples {pair[side]}) has no answer token: the "
+                                 f"answers are all truncated or masked; raise max_length or drop those samples")
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def plan_signature(n_forget: int, n_retain: int, config: UnlearnConfig) -> dict:
+    """What fixes the seeded data order: a checkpoint only resumes a run with the same signature."""
+    return {"n_forget": n_forget, "n_retain": n_retain, "seed": config.seed, "batch_size": config.batch_size,
+            "grad_accum_steps": config.grad_accum_steps, "epochs": config.epochs}
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, primal_dual: PrimalDual, step: int, signature: dict,
+                    log_window: dict, initial_retain_loss: float | None) -> None:
+    """Everything the loop needs to continue after optimizer step ``step`` as if never stopped; written to a
+    temporary file first, so a crash mid-write leaves no truncated checkpoint."""
+    state = {"model": causal_lm(model).state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "primal_dual": primal_dual.state_dict(), "step": step,
+             "signature": signature, "log_window": log_window, "initial_retain_loss": initial_retain_loss,
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, primal_dual: PrimalDual, signature: dict) -> dict:
+    """Restore a :func:`save_checkpoint` state in place; returns it for the step and the log window."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["signature"] != signature:
+        raise ValueError(f"checkpoint {path} was written for a different data order: {state['signature']} "
+                         f"!= {signature}")
+    causal_lm(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    primal_dual.load_state_dict(state["primal_dual"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+def open_log(path: str | None, resumed_step: int):
+    """The JSONL log, fresh for a new run; on resume, keeping only the lines up to the checkpoint's step, so lines
+    logged after it by the interrupted run are not duplicated."""
+    if not path:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if resumed_step and path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
+    log_file = open(path, "w")
+    log_file.writelines(line + "\n" for line in kept)
+    return log_file
+
+
 def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: UnlearnConfig = UnlearnConfig(),
             pad_token_id: int = 0) -> UnlearnResult:
     """Unlearn ``forget_data`` while keeping the retain loss on ``retain_data`` at most ε (PDU).
 
     ``forget_data``/``retain_data`` are tokenised samples ``{"input_ids", "labels"}`` (see :mod:`ceu.data`); the
     model is any Hugging Face causal LM (or a PEFT model: only trainable parameters are optimised). Returns ε, the
-    final λ and the :class:`PrimalDual` state. Writes a JSONL line per ``log_every`` optimizer steps to ``log_path``.
+    final λ, whether the last step met the constraint and the :class:`PrimalDual` state. Writes a JSONL line per
+    ``log_every`` optimizer steps to ``log_path``, a checkpoint per ``checkpoint_every`` steps to ``checkpoint_dir``,
+    and continues from ``resume_from`` when set.
     """
     if not forget_data or not retain_data:
-        raise ValueError(f"need forget and retain samples, got {len(forget_data)} and {len(retain_data)}")
+        empty = "forget set is empty: nothing to unlearn" if not forget_data else "retain set is empty: no constraint"
+        raise ValueError(f"need forget and retain samples, got {len(forget_data)} and {len(retain_data)}: the {empty}")
     device = next(model.parameters()).device
 
     # Data: micro-batch pairs, grouped into optimizer steps.
     plan = micro_batch_plan(len(forget_data), len(retain_data), config)
+    check_answer_tokens(plan, forget_data, retain_data)
     windows = [plan[i:i + config.grad_accum_steps] for i in range(0, len(plan), config.grad_accum_steps)]
     steps_per_epoch = math.ceil(math.ceil(len(forget_data) / config.batch_size) / config.grad_accum_steps)
 
-    # The constraint and its dual variable.
+    # The constraint and its dual variable (a resumed run takes ε from its checkpoint: θ₀ is gone).
     initial_retain_loss = None
     epsilon = config.epsilon
-    if config.epsilon_alpha is not None:
+    if config.epsilon_alpha is not None and not config.resume_from:
         model.eval()
         initial_retain_loss = dataset_loss(model, retain_data, pad_token_id, impl=config.impl)
         epsilon = relative_epsilon(initial_retain_loss, config.epsilon_alpha)
@@ -242,15 +327,27 @@ def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Unl
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, len(windows), warmup_steps, config.lr_schedule))
 
-    log_file = None
-    if config.log_path:
-        Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(config.log_path, "w")
-    model.train()
+    # Resume: weights, optimizer, schedule, λ, RNG and the position in the seeded plan.
+    signature = plan_signature(len(forget_data), len(retain_data), config)
+    start_step = 0
     forget_sum = retain_sum = torch.zeros((), device=device)
-    logged_micro_batches, logged_tokens, last_log_time = 0, 0, time.perf_counter()
-    bar = tqdm(windows, desc="unlearn", disable=not config.progress, dynamic_ncols=True)
-    for step, window in enumerate(bar):
+    logged_micro_batches, logged_tokens = 0, 0
+    if config.resume_from:
+        state = load_checkpoint(config.resume_from, model, optimizer, scheduler, primal_dual, signature)
+        start_step, epsilon = state["step"], primal_dual.epsilon
+        initial_retain_loss = state["initial_retain_loss"]
+        forget_sum = state["log_window"]["forget_sum"].to(device)
+        retain_sum = state["log_window"]["retain_sum"].to(device)
+        logged_micro_batches = state["log_window"]["micro_batches"]
+        logged_tokens = state["log_window"]["tokens"]
+
+    log_file = open_log(config.log_path, start_step)
+    model.train()
+    last_log_time = time.perf_counter()
+    bar = tqdm(range(start_step, len(windows)), initial=start_step, total=len(windows), desc="unlearn",
+               disable=not config.progress, dynamic_ncols=True)
+    for step in bar:
+        window = windows[step]
         for forget_indices, retain_indices in window:
             forget = pad_batch([forget_data[i] for i in forget_indices], pad_token_id)
             retain = pad_batch([retain_data[i] for i in retain_indices], pad_token_id)
@@ -287,7 +384,16 @@ def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Unl
                 log_file.flush()
             forget_sum = retain_sum = torch.zeros((), device=device)
             logged_micro_batches, logged_tokens, last_log_time = 0, 0, now
+
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and is_main_process():
+            log_window = {"forget_sum": forget_sum.cpu(), "retain_sum": retain_sum.cpu(),
+                          "micro_batches": logged_micro_batches, "tokens": logged_tokens}
+            save_checkpoint(Path(config.checkpoint_dir) / f"step-{step + 1:06d}.pt", model, optimizer, scheduler,
+                            primal_dual, step + 1, signature, log_window, initial_retain_loss)
     if log_file:
         log_file.close()
     model.eval()
-    return UnlearnResult(epsilon, primal_dual.lam.item(), len(windows), initial_retain_loss, primal_dual)
+    final_retain_loss = None if primal_dual.last_retain_loss is None else primal_dual.last_retain_loss.item()
+    constraint_met = None if final_retain_loss is None else final_retain_loss <= epsilon
+    return UnlearnResult(epsilon, primal_dual.lam.item(), len(windows), initial_retain_loss, primal_dual,
+                         final_retain_loss, constraint_met)
