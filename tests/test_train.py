@@ -189,3 +189,30 @@ def test_loop_runs_under_bf16_autocast_and_the_reference_dual_update(overrides):
     config = UnlearnConfig(epochs=2, batch_size=2, dual_warmup_epochs=0, epsilon=0.0, progress=False, **overrides)
     result = unlearn(tiny_model(), qa_samples(4), qa_samples(4, seed=1), config)
     assert math.isfinite(result.final_lambda) and result.final_lambda > config.lambda_init
+
+
+def test_empty_forget_set_and_answerless_batches_are_refused():
+    with pytest.raises(ValueError, match="forget set is empty"):
+        unlearn(tiny_model(), [], qa_samples(2))
+    truncated = [{"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX] * 4} for _ in range(2)]
+    config = UnlearnConfig(epochs=1, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"forget micro-batch 0 \(samples \[.*\]\) has no answer token.*truncated"):
+        unlearn(tiny_model(), truncated, qa_samples(2), config)
+    with pytest.raises(ValueError, match="retain micro-batch 0 .* has no answer token"):
+        unlearn(tiny_model(), qa_samples(2), truncated, config)
+
+
+def test_unreachable_epsilon_grows_lambda_keeps_the_run_finite_and_says_the_constraint_failed(tmp_path):
+    model = tiny_model()
+    config = UnlearnConfig(epochs=4, lr=1e-2, batch_size=2, lambda_init=1.0, dual_lr=2.0, epsilon=1e-3,
+                           dual_warmup_epochs=0, log_path=str(tmp_path / "log.jsonl"), progress=False)
+    result = unlearn(model, qa_samples(4), qa_samples(4, seed=1), config)
+    log = read_log(tmp_path / "log.jsonl")
+    lambdas = [record["lambda"] for record in log]
+    assert lambdas == sorted(lambdas) and lambdas[-1] > 10 * config.lambda_init
+    assert all(record["slack"] > 1.0 and math.isfinite(record["forget_loss"]) for record in log)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result.constraint_met is False and result.final_retain_loss > result.epsilon
+    met = unlearn(tiny_model(), qa_samples(4), qa_samples(4, seed=1), UnlearnConfig(epochs=1, epsilon=100.0,
+                                                                                    progress=False))
+    assert met.constraint_met is True
