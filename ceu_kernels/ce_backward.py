@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import (accumulator, autotuned, dot_precision, grouped_tile, interpreting, logits_tile, offsets64,
+from .tl_utils import (accumulator, autotuned, dot_precision, head_logits_tile, interpreting, offsets64,
                        on_device)
 
 DEFAULT_BLOCKS = (32, 64, 32)
@@ -23,20 +23,13 @@ def _ce_backward_kernel(hidden, weight, bias, labels, lse, grad, grad_hidden, gr
                         HAS_BIAS: tl.constexpr, WRITE_HIDDEN: tl.constexpr, WRITE_WEIGHT: tl.constexpr,
                         WRITE_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr):
-    tile_m, tile_v = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_M), tl.cdiv(vocab_size, BLOCK_V),
-                                  GROUP_M)
-    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < n_tokens
-    col_ok = cols < vocab_size
+    rows, cols, row_ok, col_ok, _, logits = head_logits_tile(
+        hidden, weight, bias, n_tokens, vocab_size, dim, stride_hidden, stride_weight, HAS_BIAS, ACC, PRECISION,
+        BLOCK_M, BLOCK_V, BLOCK_H, GROUP_M)
     label = tl.load(labels + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (label != ignore_index)
     scale = tl.where(valid, tl.load(grad + rows, mask=valid, other=0.0).to(ACC), 0.0)
     row_lse = tl.load(lse + rows, mask=valid, other=float("inf"))
-    logits = logits_tile(hidden, weight, rows, cols, row_ok, col_ok, dim, stride_hidden, stride_weight,
-                         ACC, BLOCK_H, PRECISION)
-    if HAS_BIAS:
-        logits += tl.load(bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     probs = tl.where(col_ok[None, :], tl.exp(logits - row_lse[:, None]), 0.0)
     onehot = (cols[None, :] == label[:, None]) & valid[:, None]
     dlogits = (probs - onehot.to(ACC)) * scale[:, None]

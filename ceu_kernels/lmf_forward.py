@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import (INT64_MIN, accumulator, autotuned, dot_precision, grouped_tile, interpreting, logits_tile,
-                       offsets64, on_device, pack_max_index, row_max_first_index, unpack_max_index)
+from .tl_utils import (INT64_MIN, accumulator, autotuned, dot_precision, head_logits_tile, interpreting, offsets64,
+                       on_device, pack_max_index, row_max_first_index, unpack_max_index)
 
 DEFAULT_BLOCKS = (32, 64, 32)
 """(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (interpreter, fp64)."""
@@ -28,16 +28,9 @@ def _lmf_forward_kernel(hidden, weight, bias, packed, partial_max, partial_arg, 
                         HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, ROW_SUMS: tl.constexpr, ACC: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                         BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr):
-    tile_m, tile_v = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_M), tl.cdiv(vocab_size, BLOCK_V),
-                                  GROUP_M)
-    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < n_tokens
-    col_ok = cols < vocab_size
-    logits = logits_tile(hidden, weight, rows, cols, row_ok, col_ok, dim, stride_hidden, stride_weight,
-                         ACC, BLOCK_H, PRECISION)
-    if HAS_BIAS:
-        logits += tl.load(bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    rows, cols, row_ok, col_ok, tile_v, logits = head_logits_tile(
+        hidden, weight, bias, n_tokens, vocab_size, dim, stride_hidden, stride_weight, HAS_BIAS, ACC, PRECISION,
+        BLOCK_M, BLOCK_V, BLOCK_H, GROUP_M)
     if ROW_SUMS:
         tl.atomic_add(row_sums + rows, tl.sum(tl.where(col_ok[None, :], logits, 0.0), axis=1), mask=row_ok)
     logits = tl.where(col_ok[None, :], logits, float("-inf"))

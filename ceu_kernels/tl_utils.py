@@ -74,6 +74,25 @@ def logits_tile(hidden, weight, rows, cols, row_ok, col_ok, dim, stride_hidden, 
 
 
 @triton.jit
+def head_logits_tile(hidden, weight, bias, n_tokens, vocab_size, dim, stride_hidden, stride_weight,
+                     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (token tile, vocab tile) in grouped order and its logits ``h W^T + b`` in ``ACC``:
+    the prologue every head kernel shares. Returns ``rows, cols, row_ok, col_ok, tile_v, logits``."""
+    tile_m, tile_v = grouped_tile(tl.program_id(0), tl.cdiv(n_tokens, BLOCK_M), tl.cdiv(vocab_size, BLOCK_V),
+                                  GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n_tokens
+    col_ok = cols < vocab_size
+    logits = logits_tile(hidden, weight, rows, cols, row_ok, col_ok, dim, stride_hidden, stride_weight,
+                         ACC, BLOCK_H, PRECISION)
+    if HAS_BIAS:
+        logits += tl.load(bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    return rows, cols, row_ok, col_ok, tile_v, logits
+
+
+@triton.jit
 def row_max_first_index(values, cols):
     """Per-row max of a tile and the smallest column index attaining it (``torch.max(dim)``'s tie rule)."""
     best = tl.max(values, axis=1)
