@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from ceu.cross_entropy import linear_cross_entropy
 from ceu.data import IGNORE_INDEX, pad_batch
 from ceu.lmf import linear_lmf_loss
-from ceu.primal_dual import PrimalDual, relative_epsilon
+from ceu.primal_dual import PrimalDual, distributed_mean, relative_epsilon
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 CHOICES = {"forget_mask": ("shifted", "unshifted"), "dual_update": ("optimizer_step", "micro_batch"),
@@ -53,6 +54,7 @@ class UnlearnConfig:
     log_every: int = 1                    # optimizer steps between log lines (the only host syncs in the loop)
     log_path: str | None = None           # JSONL log; None: no file
     progress: bool = True                 # tqdm bar
+    deterministic: bool = False           # torch.use_deterministic_algorithms for the run: bitwise repeatable
     checkpoint_dir: str | None = None     # where step-NNNNNN.pt checkpoints go ...
     checkpoint_every: int = 0             # ... every this many optimizer steps (0: never)
     resume_from: str | None = None        # a checkpoint file to continue from (same data and data-order settings)
@@ -124,15 +126,33 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     head = lm_head(model)
     lm.set_output_embeddings(torch.nn.Identity())
     try:
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with warnings.catch_warnings():  # FSDP2 warns of in-place ops on a returned view; the losses make none
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         lm.set_output_embeddings(head)
     return outputs.logits
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def head_parameters(model, dtype: torch.dtype):
-    """LM-head weight and bias in ``dtype`` (the hidden states' dtype under autocast)."""
+    """LM-head weight and bias in ``dtype`` (the hidden states' dtype under autocast).
+
+    Under FSDP2 the head must be sharded with the root module (``fully_shard(model)``), which keeps its parameters
+    gathered from the forward until the backward; a head with its own ``fully_shard`` is never gathered here, since
+    the forward bypasses it.
+    """
     head = lm_head(model)
+    if is_dtensor(head.weight):
+        raise RuntimeError("the LM-head weight is still sharded (a DTensor) after the model's forward: shard the head "
+                           "with the root module, fully_shard(model), not with its own fully_shard(model.lm_head)")
     weight = head.weight.to(dtype)
     bias = None if head.bias is None else head.bias.to(dtype)
     return weight, bias
@@ -147,9 +167,15 @@ def answer_token_losses(model, batch: dict, impl: str = "auto") -> tuple[torch.T
     return losses, targets != IGNORE_INDEX
 
 
-def pdu_losses(model, forget: dict, retain: dict, config: UnlearnConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def pdu_losses(model, forget: dict, retain: dict, config: UnlearnConfig,
+               token_scales: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L_fgt, L_rtn)`` of one micro-batch pair: the LMF loss over the forget answer tokens and the token-mean
-    cross-entropy over the retain answer tokens, both fused on the LM-head weight."""
+    cross-entropy over the retain answer tokens, both fused on the LM-head weight.
+
+    ``token_scales=(forget, retain)`` replaces each local token-mean by ``scale · sum``: with ``scale = world size /
+    answer tokens of the global micro-batch`` the mean over data-parallel ranks (DDP's and FSDP's gradient average, the
+    all-reduced retain loss) is the global micro-batch's token-mean, however unevenly the ranks' tokens fall.
+    """
     forget_hidden = final_hidden_states(model, forget["input_ids"], forget["attention_mask"])
     weight, bias = head_parameters(model, forget_hidden.dtype)
     if config.forget_mask == "shifted":  # position t predicts token t+1: count it when t+1 is an answer token
@@ -158,14 +184,15 @@ def pdu_losses(model, forget: dict, retain: dict, config: UnlearnConfig) -> tupl
         forget_mask = forget["labels"] != IGNORE_INDEX
     retain_hidden = final_hidden_states(model, retain["input_ids"], retain["attention_mask"])[:, :-1]
     retain_targets = retain["labels"][:, 1:]
-    if config.empty_batch == "nan":
-        forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, reduction="sum", impl=config.impl)
-        retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, reduction="sum",
-                                           impl=config.impl)
+    if config.empty_batch == "zero" and token_scales is None:
+        forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, impl=config.impl)
+        retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, impl=config.impl)
+        return forget_loss, retain_loss
+    forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, reduction="sum", impl=config.impl)
+    retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, reduction="sum", impl=config.impl)
+    if config.empty_batch == "nan":  # the reference's local token-mean, 0/0 on a batch without answer tokens
         return forget_loss / forget_mask.sum(), retain_loss / (retain_targets != IGNORE_INDEX).sum()
-    forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, impl=config.impl)
-    retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, impl=config.impl)
-    return forget_loss, retain_loss
+    return forget_loss * token_scales[0], retain_loss * token_scales[1]
 
 
 @torch.no_grad()
@@ -201,17 +228,20 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 1.0
 
 
-def micro_batch_plan(n_forget: int, n_retain: int, config: UnlearnConfig) -> list[tuple[list[int], list[int]]]:
-    """Seeded ``(forget indices, retain indices)`` per micro-batch: an epoch is one shuffled pass over the forget
-    set; retain samples come from shuffled passes over the retain set, as many as forget samples in each pair."""
+def micro_batch_plan(n_forget: int, n_retain: int, config: UnlearnConfig,
+                     world_size: int = 1) -> list[tuple[list[int], list[int]]]:
+    """Seeded ``(forget indices, retain indices)`` per global micro-batch of ``batch_size · world_size`` samples: an
+    epoch is one shuffled pass over the forget set; retain samples come from shuffled passes over the retain set, as
+    many as forget samples in each pair. Every rank builds the same plan and takes its share (:func:`rank_share`)."""
     generator = torch.Generator().manual_seed(config.seed)
-    per_epoch = math.ceil(n_forget / config.batch_size)
+    batch_size = config.batch_size * world_size
+    per_epoch = math.ceil(n_forget / batch_size)
     total = max(1, round(config.epochs * per_epoch))
     plan, retain_queue = [], []
     while len(plan) < total:
         order = torch.randperm(n_forget, generator=generator).tolist()
-        for start in range(0, n_forget, config.batch_size):
-            forget_indices = order[start:start + config.batch_size]
+        for start in range(0, n_forget, batch_size):
+            forget_indices = order[start:start + batch_size]
             while len(retain_queue) < len(forget_indices):
                 retain_queue += torch.randperm(n_retain, generator=generator).tolist()
             retain_indices, retain_queue = retain_queue[:len(forget_indices)], retain_queue[len(forget_indices):]
@@ -219,33 +249,60 @@ def micro_batch_plan(n_forget: int, n_retain: int, config: UnlearnConfig) -> lis
     return plan[:total]
 
 
-def check_answer_tokens(plan: list[tuple[list[int], list[int]]], forget_data: list[dict],
-                        retain_data: list[dict]) -> None:
+def answer_token_counts(samples: list[dict], shifted: bool = True) -> list[int]:
+    """Answer tokens per sample that a loss counts: those of ``labels[1:]`` for next-token prediction."""
+    return [sum(label != IGNORE_INDEX for label in sample["labels"][1 if shifted else 0:]) for sample in samples]
+
+
+def check_answer_tokens(plan: list[tuple[list[int], list[int]]], forget_counts: list[int],
+                        retain_counts: list[int]) -> None:
     """Refuse a plan with a micro-batch that has no answer token to learn from: its loss would be a silent 0 (or NaN),
     typically because ``max_length`` truncated the answers away."""
-    for name, data, side in (("forget", forget_data, 0), ("retain", retain_data, 1)):
-        answer_tokens = [sum(label != IGNORE_INDEX for label in sample["labels"][1:]) for sample in data]
+    for name, counts, side in (("forget", forget_counts, 0), ("retain", retain_counts, 1)):
         for batch_index, pair in enumerate(plan):
-            if not any(answer_tokens[i] for i in pair[side]):
+            if not any(counts[i] for i in pair[side]):
                 raise ValueError(f"{name} micro-batch {batch_index} (samples {pair[side]}) has no answer token: the "
                                  f"answers are all truncated or masked; raise max_length or drop those samples")
 
 
+def data_parallel_position() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in the default ``torch.distributed`` group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_share(indices: list[int], rank: int, world_size: int) -> tuple[list[int], bool]:
+    """This rank's samples of a global micro-batch (every ``world_size``-th, so the ranks never overlap) and whether
+    they count. A rank left without samples (a short last batch) runs one stand-in sample with weight 0, so that every
+    rank still takes part in the forward and backward that DDP and FSDP synchronise."""
+    share = indices[rank::world_size]
+    return (share, True) if share else (indices[:1], False)
+
+
 def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return data_parallel_position()[0] == 0
 
 
-def plan_signature(n_forget: int, n_retain: int, config: UnlearnConfig) -> dict:
+def plan_signature(n_forget: int, n_retain: int, config: UnlearnConfig, world_size: int) -> dict:
     """What fixes the seeded data order: a checkpoint only resumes a run with the same signature."""
     return {"n_forget": n_forget, "n_retain": n_retain, "seed": config.seed, "batch_size": config.batch_size,
-            "grad_accum_steps": config.grad_accum_steps, "epochs": config.epochs}
+            "grad_accum_steps": config.grad_accum_steps, "epochs": config.epochs, "world_size": world_size}
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, primal_dual: PrimalDual, step: int, signature: dict,
                     log_window: dict, initial_retain_loss: float | None) -> None:
-    """Everything the loop needs to continue after optimizer step ``step`` as if never stopped; written to a
-    temporary file first, so a crash mid-write leaves no truncated checkpoint."""
-    state = {"model": causal_lm(model).state_dict(), "optimizer": optimizer.state_dict(),
+    """Everything the loop needs to continue after optimizer step ``step`` as if never stopped. Every rank calls it
+    (gathering FSDP shards is a collective); rank 0 writes, to a temporary file first, so a crash mid-write leaves
+    no truncated checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Unsharded states keyed by parameter name, alike for plain, DDP and FSDP2 models.
+    model_state, optimizer_state = get_state_dict(causal_lm(model), optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main_process():
+        return
+    state = {"model": model_state, "optimizer": optimizer_state,
              "scheduler": scheduler.state_dict(), "primal_dual": primal_dual.state_dict(), "step": step,
              "signature": signature, "log_window": log_window, "initial_retain_loss": initial_retain_loss,
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -257,13 +314,15 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, primal_dual: Primal
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, primal_dual: PrimalDual, signature: dict) -> dict:
-    """Restore a :func:`save_checkpoint` state in place; returns it for the step and the log window."""
+    """Restore a :func:`save_checkpoint` state in place on every rank; returns it for the step and the log window."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["signature"] != signature:
         raise ValueError(f"checkpoint {path} was written for a different data order: {state['signature']} "
                          f"!= {signature}")
-    causal_lm(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    set_state_dict(causal_lm(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     primal_dual.load_state_dict(state["primal_dual"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -288,6 +347,22 @@ def open_log(path: str | None, resumed_step: int):
     return log_file
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """``torch.use_deterministic_algorithms(True)`` while the block runs (the fused losses then avoid their atomic
+    paths), with the cuBLAS workspace setting it needs on CUDA; the previous setting is restored after."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: UnlearnConfig = UnlearnConfig(),
             pad_token_id: int = 0) -> UnlearnResult:
     """Unlearn ``forget_data`` while keeping the retain loss on ``retain_data`` at most ε (PDU).
@@ -297,17 +372,34 @@ def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Unl
     final λ, whether the last step met the constraint and the :class:`PrimalDual` state. Writes a JSONL line per
     ``log_every`` optimizer steps to ``log_path``, a checkpoint per ``checkpoint_every`` steps to ``checkpoint_dir``,
     and continues from ``resume_from`` when set.
+
+    Data parallel (``torchrun``, a DDP- or FSDP2-wrapped model): pass the same full data on every rank. Each global
+    micro-batch holds ``batch_size · world size`` forget samples, every rank takes its own share, and the losses are
+    the global micro-batch's token-means, so the run matches one process with ``batch_size · world size``.
     """
     if not forget_data or not retain_data:
         empty = "forget set is empty: nothing to unlearn" if not forget_data else "retain set is empty: no constraint"
         raise ValueError(f"need forget and retain samples, got {len(forget_data)} and {len(retain_data)}: the {empty}")
-    device = next(model.parameters()).device
+    with deterministic_algorithms(config.deterministic):
+        return _unlearn(model, forget_data, retain_data, config, pad_token_id)
 
-    # Data: micro-batch pairs, grouped into optimizer steps.
-    plan = micro_batch_plan(len(forget_data), len(retain_data), config)
-    check_answer_tokens(plan, forget_data, retain_data)
+
+def _unlearn(model, forget_data: list[dict], retain_data: list[dict], config: UnlearnConfig,
+             pad_token_id: int) -> UnlearnResult:
+    device = next(model.parameters()).device
+    rank, world_size = data_parallel_position()
+    if not config.resume_from:  # dropout draws from here; a resumed run restores the RNG states instead
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+
+    # Data: global micro-batch pairs, grouped into optimizer steps; this rank's share is picked in the loop.
+    plan = micro_batch_plan(len(forget_data), len(retain_data), config, world_size)
+    forget_counts = answer_token_counts(forget_data, shifted=config.forget_mask == "shifted")
+    retain_counts = answer_token_counts(retain_data)
+    check_answer_tokens(plan, forget_counts, retain_counts)
     windows = [plan[i:i + config.grad_accum_steps] for i in range(0, len(plan), config.grad_accum_steps)]
-    steps_per_epoch = math.ceil(math.ceil(len(forget_data) / config.batch_size) / config.grad_accum_steps)
+    steps_per_epoch = math.ceil(math.ceil(len(forget_data) / (config.batch_size * world_size))
+                                / config.grad_accum_steps)
 
     # The constraint and its dual variable (a resumed run takes ε from its checkpoint: θ₀ is gone).
     initial_retain_loss = None
@@ -328,7 +420,7 @@ def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Unl
         optimizer, lambda step: lr_factor(step, len(windows), warmup_steps, config.lr_schedule))
 
     # Resume: weights, optimizer, schedule, λ, RNG and the position in the seeded plan.
-    signature = plan_signature(len(forget_data), len(retain_data), config)
+    signature = plan_signature(len(forget_data), len(retain_data), config, world_size)
     start_step = 0
     forget_sum = retain_sum = torch.zeros((), device=device)
     logged_micro_batches, logged_tokens = 0, 0
@@ -341,21 +433,25 @@ def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Unl
         logged_micro_batches = state["log_window"]["micro_batches"]
         logged_tokens = state["log_window"]["tokens"]
 
-    log_file = open_log(config.log_path, start_step)
+    log_file = open_log(config.log_path, start_step) if rank == 0 else None
     model.train()
     last_log_time = time.perf_counter()
     bar = tqdm(range(start_step, len(windows)), initial=start_step, total=len(windows), desc="unlearn",
-               disable=not config.progress, dynamic_ncols=True)
+               disable=not config.progress or rank != 0, dynamic_ncols=True)
     for step in bar:
         window = windows[step]
         for forget_indices, retain_indices in window:
-            forget = pad_batch([forget_data[i] for i in forget_indices], pad_token_id)
-            retain = pad_batch([retain_data[i] for i in retain_indices], pad_token_id)
-            logged_tokens += int(forget["attention_mask"].sum() + retain["attention_mask"].sum())
+            forget_share, counts = rank_share(forget_indices, rank, world_size)
+            retain_share, _ = rank_share(retain_indices, rank, world_size)
+            token_scales = (world_size / sum(forget_counts[i] for i in forget_indices) if counts else 0.0,
+                            world_size / sum(retain_counts[i] for i in retain_indices) if counts else 0.0)
+            forget = pad_batch([forget_data[i] for i in forget_share], pad_token_id)
+            retain = pad_batch([retain_data[i] for i in retain_share], pad_token_id)
+            logged_tokens += int(forget["attention_mask"].sum() + retain["attention_mask"].sum()) if counts else 0
             forget = {k: v.to(device, non_blocking=True) for k, v in forget.items()}
             retain = {k: v.to(device, non_blocking=True) for k, v in retain.items()}
             with autocast_context(config, device):
-                forget_loss, retain_loss = pdu_losses(model, forget, retain, config)
+                forget_loss, retain_loss = pdu_losses(model, forget, retain, config, token_scales)
                 loss = primal_dual.lagrangian(forget_loss, retain_loss)
             (loss / len(window)).backward()
             primal_dual.observe(retain_loss)
@@ -372,21 +468,24 @@ def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Unl
 
         if (step + 1) % config.log_every == 0 or step + 1 == len(windows):
             now = time.perf_counter()
-            retain_mean = (retain_sum / logged_micro_batches).item()
+            window_totals = torch.stack([forget_sum, retain_sum, torch.tensor(float(logged_tokens), device=device)])
+            forget_total, retain_total, tokens = distributed_mean(window_totals).tolist()  # means over the ranks
+            forget_mean, retain_mean = forget_total / logged_micro_batches, retain_total / logged_micro_batches
             record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
-                      "forget_loss": (forget_sum / logged_micro_batches).item(), "retain_loss": retain_mean,
+                      "forget_loss": forget_mean, "retain_loss": retain_mean,
                       "lambda": primal_dual.lam.item(), "epsilon": epsilon, "slack": retain_mean - epsilon,
-                      "lr": lr, "tokens_per_s": logged_tokens / max(now - last_log_time, 1e-9),
+                      "lr": lr, "tokens_per_s": tokens * world_size / max(now - last_log_time, 1e-9),
                       "dual_warmup": primal_dual.warming_up}
-            bar.set_postfix(fgt=f"{record['forget_loss']:.3g}", rtn=f"{retain_mean:.3g}", lam=f"{record['lambda']:.3g}")
+            bar.set_postfix(fgt=f"{forget_mean:.3g}", rtn=f"{retain_mean:.3g}", lam=f"{record['lambda']:.3g}")
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             forget_sum = retain_sum = torch.zeros((), device=device)
             logged_micro_batches, logged_tokens, last_log_time = 0, 0, now
 
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and is_main_process():
-            log_window = {"forget_sum": forget_sum.cpu(), "retain_sum": retain_sum.cpu(),
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            forget_rank_mean, retain_rank_mean = distributed_mean(torch.stack([forget_sum, retain_sum])).cpu()
+            log_window = {"forget_sum": forget_rank_mean, "retain_sum": retain_rank_mean,
                           "micro_batches": logged_micro_batches, "tokens": logged_tokens}
             save_checkpoint(Path(config.checkpoint_dir) / f"step-{step + 1:06d}.pt", model, optimizer, scheduler,
                             primal_dual, step + 1, signature, log_window, initial_retain_loss)
