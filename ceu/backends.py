@@ -21,16 +21,27 @@ logits, the CUDA backend writes a bounded chunk of them, the chunked PyTorch pat
 by a GPU benchmark (see benchmarks/RESULTS.md); on every other device ``"auto"`` is ``"torch"``."""
 
 
-def resolve(impl: str, device: torch.device) -> types.ModuleType:
-    """The backend module for ``impl`` on ``device``; ``"auto"`` picks the fastest one available there."""
+ATOMIC_OPS = {"triton": ("ce",), "cuda": ("lmf",)}
+"""Losses whose backward in that backend accumulates with atomic adds, in an order that varies from run to run. Under
+``torch.use_deterministic_algorithms(True)``, ``"auto"`` skips the backend for that loss and naming it raises, as
+PyTorch does for its own nondeterministic ops."""
+
+
+def resolve(impl: str, device: torch.device, loss: str | None = None) -> types.ModuleType:
+    """The backend module for ``impl`` on ``device``; ``"auto"`` picks the fastest one available there (for ``loss``,
+    ``"lmf"`` or ``"ce"``, a deterministic one when deterministic algorithms are on)."""
     if impl == "auto":
         if device.type != "cuda":
             return chunked
         for candidate in AUTO_ORDER_CUDA:
             try:
-                return resolve(candidate, device)
+                return resolve(candidate, device, loss)
             except RuntimeError:
                 continue
+    if loss in ATOMIC_OPS.get(impl, ()) and torch.are_deterministic_algorithms_enabled():
+        name = {"lmf": "LMF", "ce": "cross-entropy"}[loss]
+        raise RuntimeError(f"impl={impl!r}: the {name} backward accumulates with atomic adds and has no deterministic "
+                           "mode, but torch.use_deterministic_algorithms(True) is on. Use impl='auto' or 'torch'.")
     if impl == "torch":
         return chunked
     if impl == "triton":

@@ -8,14 +8,14 @@ from . import backends
 from .chunked import stat_dtype
 
 
-def _backend(impl: str, hidden: Tensor):
-    return backends.resolve(impl, hidden.device)
+def _backend(impl: str, hidden: Tensor, loss: str):
+    return backends.resolve(impl, hidden.device, loss)
 
 
 @torch.library.custom_op("ceu::lmf_forward", mutates_args=())
 def lmf_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int, impl: str,
                 chunk_size: int | None) -> tuple[Tensor, Tensor]:
-    return _backend(impl, hidden).lmf_forward(hidden, weight, bias, vocab_size, chunk_size)
+    return _backend(impl, hidden, "lmf").lmf_forward(hidden, weight, bias, vocab_size, chunk_size)
 
 
 @lmf_forward.register_fake
@@ -40,7 +40,7 @@ def _fake_grads(hidden, weight, needs):
 def lmf_backward(coef: Tensor, argmax: Tensor, hidden: Tensor, weight: Tensor, weight_mean: Tensor, vocab_size: int,
                  impl: str, needs_hidden: bool, needs_weight: bool, needs_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     needs = (needs_hidden, needs_weight, needs_bias)
-    found = _backend(impl, hidden).lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, *needs)
+    found = _backend(impl, hidden, "lmf").lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, *needs)
     return tuple(_grad_or_empty(need, grad, hidden) for need, grad in zip(needs, found))
 
 
@@ -52,7 +52,7 @@ def _(coef, argmax, hidden, weight, weight_mean, vocab_size, impl, needs_hidden,
 @torch.library.custom_op("ceu::ce_forward", mutates_args=())
 def ce_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, vocab_size: int,
                ignore_index: int, impl: str, chunk_size: int | None) -> tuple[Tensor, Tensor]:
-    return _backend(impl, hidden).ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size)
+    return _backend(impl, hidden, "ce").ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size)
 
 
 @ce_forward.register_fake
@@ -66,7 +66,7 @@ def ce_backward(grad: Tensor, lse: Tensor, hidden: Tensor, weight: Tensor, bias:
                 vocab_size: int, ignore_index: int, impl: str, chunk_size: int | None, needs_hidden: bool,
                 needs_weight: bool, needs_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     needs = (needs_hidden, needs_weight, needs_bias)
-    found = _backend(impl, hidden).ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index,
+    found = _backend(impl, hidden, "ce").ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index,
                                                chunk_size, *needs)
     return tuple(_grad_or_empty(need, grad, hidden) for need, grad in zip(needs, found))
 

@@ -95,7 +95,7 @@ def vocab_parallel_lmf_loss(hidden, weight_shard, bias_shard=None, *, process_gr
         raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
     checks.check_head(hidden, weight_shard, bias_shard, None, reduction, impl, chunk_size)
     checks.check_mask(mask, hidden)
-    backends.resolve(impl, hidden.device)
+    backends.resolve(impl, hidden.device, "lmf")
     lead_shape = hidden.shape[:-1]
     flat_mask = None if mask is None else mask.reshape(-1)
     loss, row_max, row_mean, argmax = VocabParallelLMFFunction.apply(

@@ -5,7 +5,7 @@ backed by the fused kernels of this package. Runs on CUDA tensors, and on CPU te
 chunked path, half-precision logits are not rounded to the input dtype before the max or the softmax (fp32 tiles).
 The LMF dW/db are bitwise repeatable for half-precision weights always (written once per row), and for float32/float64
 weights when ``torch.use_deterministic_algorithms(True)`` is on (or with ``deterministic=True``); the cross-entropy
-backward accumulates with atomics and is not.
+backward accumulates with atomics and is not, so :func:`ceu.backends.resolve` keeps it out of deterministic runs.
 """
 from .ce_backward import ce_gradients
 from .ce_forward import ce_token_losses

@@ -71,3 +71,20 @@ def test_auto_is_the_chunked_path_on_cpu_even_with_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backends.resolve("auto", torch.device("cpu")) is chunked
     assert backends.resolve("torch", torch.device("cpu")) is chunked
+
+
+def test_deterministic_algorithms_steer_auto_away_from_atomic_backwards(monkeypatch):
+    pytest.importorskip("triton")
+    from ceu import backends, chunked
+    from ceu.train import deterministic_algorithms
+    from ceu_kernels import triton_backend
+
+    monkeypatch.setattr(backends, "AUTO_ORDER_CUDA", ("triton", "torch"))
+    cuda = torch.device("cuda")  # resolve only reads the device type: this runs without a GPU
+    assert backends.resolve("auto", cuda, "ce") is triton_backend
+    with deterministic_algorithms(True):
+        assert backends.resolve("auto", cuda, "ce") is chunked
+        assert backends.resolve("auto", cuda, "lmf") is triton_backend  # its dW is written once, repeatable
+        with pytest.raises(RuntimeError, match="cross-entropy backward accumulates with atomic adds"):
+            backends.resolve("triton", cuda, "ce")
+    assert not torch.are_deterministic_algorithms_enabled()

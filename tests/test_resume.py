@@ -74,3 +74,18 @@ def test_resume_refuses_a_different_data_order(tmp_path):
 def test_checkpoint_every_needs_a_directory():
     with pytest.raises(ValueError, match="checkpoint_dir"):
         UnlearnConfig(checkpoint_every=2)
+
+
+def test_deterministic_runs_are_bitwise_repeatable_and_restore_the_global_setting(tmp_path):
+    forget, retain = qa_samples(6), qa_samples(5, seed=1)
+    runs = []
+    for name in ("first", "second"):
+        model = tiny_model(attention_dropout=0.1)
+        torch.manual_seed(len(name))  # the run seeds itself: what came before must not matter
+        result = unlearn(model, forget, retain, run_config(tmp_path / name, deterministic=True, checkpoint_every=0,
+                                                           log_path=str(tmp_path / f"{name}.jsonl")))
+        runs.append((weights(model), result.final_lambda, records_without_timing(tmp_path / f"{name}.jsonl")))
+        assert not torch.are_deterministic_algorithms_enabled()
+    (first_weights, first_lambda, first_log), (second_weights, second_lambda, second_log) = runs
+    assert torch.equal(first_weights, second_weights) and not torch.equal(first_weights, weights(tiny_model()))
+    assert first_lambda == second_lambda != 1.0 and first_log == second_log
