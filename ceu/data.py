@@ -5,6 +5,7 @@ prompt tokens are labelled ``IGNORE_INDEX`` so only the answer (or the text) cou
 Sources are a local ``.json``/``.jsonl`` file, a local folder holding ``<split>.json`` (TOFU's own layout), or a
 hub dataset name with a config, e.g. ``load_records("locuslab/TOFU", "forget10")``.
 """
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,10 @@ QA_FIELDS = ("question", "answer")
 
 
 def load_records(source: str, config: str | None = None, split: str = "train"):
-    """A ``datasets.Dataset`` from a local JSON/JSONL file, a folder with ``<config>.json(l)``, or the hub."""
+    """A ``datasets.Dataset`` from a local JSON/JSONL file, a folder with ``<config>.json(l)``, or the hub.
+
+    A corrupt local file raises ``ValueError`` naming it and, where found, the bad line or position.
+    """
     import datasets
 
     path = Path(source)
@@ -29,7 +33,12 @@ def load_records(source: str, config: str | None = None, split: str = "train"):
             raise FileNotFoundError(f"no {config}.json or {config}.jsonl in {source}")
         path = found[0]
     if path.is_file():
-        records = datasets.load_dataset("json", data_files=str(path), split="train")
+        # an empty file raises StopIteration; broken JSON, ValueError or DatasetGenerationError (pyarrow's parse error)
+        try:
+            records = datasets.load_dataset("json", data_files=str(path), split="train")
+        except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
+            problem = _json_problem(path) or f"datasets could not read it ({error.__cause__ or error!r})"
+            raise ValueError(f"{path}: {problem}. Is it valid JSON or JSON Lines (one object per line)?") from error
         where = str(path)
     elif path.suffix in (".json", ".jsonl"):
         raise FileNotFoundError(f"no such data file: {source}")
@@ -39,6 +48,47 @@ def load_records(source: str, config: str | None = None, split: str = "train"):
     if len(records) == 0:
         raise ValueError(f"{where} is empty")
     return records
+
+
+def _json_problem(path: Path) -> str | None:
+    """What the stdlib ``json`` module finds wrong with the file, and where: ``datasets``' own errors rarely say."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        return f"not UTF-8 text at line {line} (byte {error.start}: {error.reason})"
+    if not text.strip():
+        return "the file is empty"
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # one value then more: JSON Lines, checked line by line
+            return _json_lines_problem(text)
+        return f"invalid JSON: {error}"
+    if isinstance(records, dict):
+        return None
+    if not isinstance(records, list):
+        return f"the top level is {json.dumps(records)[:40]}, not a list of objects"
+    if not records:
+        return "no records (an empty list)"
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            return f"record {number} is {json.dumps(record)[:40]}, not an object"
+    return None
+
+
+def _json_lines_problem(text: str) -> str | None:
+    """The first line of a JSON Lines text that is not a JSON object (split on newlines only, as JSON Lines is)."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"invalid JSON: {error.msg}: line {number} column {error.colno}"
+            if not isinstance(record, dict):
+                return f"line {number} is {json.dumps(record)[:40]}, not an object"
+    return None
 
 
 def check_fields(records, fields: Iterable[str], where: str = "dataset") -> None:

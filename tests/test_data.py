@@ -85,6 +85,43 @@ def test_load_records_errors(tmp_path):
         load_records(str(tmp_path))
 
 
+ROWS = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("truncated.json", json.dumps(ROWS)[:53], "invalid JSON: Unterminated string starting at: line 1 column 51 (char 50)"),
+    ("broken_line.jsonl", "\n".join([*map(json.dumps, ROWS[:2]), '{"question": "q3", "answer": ', json.dumps(ROWS[3])]),
+     "invalid JSON: Expecting value: line 3 column 30"),
+    ("garbage.json", b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text at line 1 (byte 0: invalid start byte)"),
+    ("latin1.jsonl", json.dumps(ROWS[0]).encode() + b'\n\xff' + json.dumps(ROWS[1]).encode(),
+     "not UTF-8 text at line 2 (byte 35: invalid start byte)"),
+    ("scalar.json", "42", "the top level is 42, not a list of objects"),
+    ("mixed.json", json.dumps([ROWS[0], "q2"]), 'record 2 is "q2", not an object'),
+    ("lists.jsonl", json.dumps(ROWS[0]) + "\n[1, 2]\n", "line 2 is [1, 2], not an object"),
+    ("empty.json", "", "the file is empty"),
+    ("empty_list.json", "[]", "no records"),
+    ("duplicate_key.jsonl", '{"answer": "a1", "answer": "a2"}', "datasets could not read it (ArrowInvalid("),
+])
+def test_load_records_names_the_corrupt_file_and_where(tmp_path, name, content, problem):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match="Is it valid JSON or JSON Lines") as caught:
+        load_records(str(path))
+    assert str(caught.value).startswith(f"{path}: {problem}")
+    assert caught.value.__cause__ is not None
+
+
+def test_load_records_names_the_corrupt_split_file_in_a_folder(tmp_path):
+    lines = "\n".join(map(json.dumps, ROWS))
+    (tmp_path / "forget05.json").write_text(lines)
+    (tmp_path / "forget10.json").write_text(lines.replace('"a3"', '"a3'))
+    assert load_records(str(tmp_path), "forget05")["answer"] == ["a1", "a2", "a3", "a4"]
+    with pytest.raises(ValueError) as caught:
+        load_records(str(tmp_path), "forget10")
+    assert str(caught.value).startswith(f"{tmp_path / 'forget10.json'}: invalid JSON: Unterminated string starting at: "
+                                        "line 3 column 30.")
+
+
 @pytest.mark.skipif(not TOFU_FIXTURES.is_dir(), reason="TOFU fixtures not found")
 def test_load_records_reads_tofus_own_files():
     records = load_records(str(TOFU_FIXTURES / "world_facts_perturbed.json"))
