@@ -1,6 +1,8 @@
 """``ceu``: command-line entry point. ``ceu unlearn`` with no argument runs the embedded default end to end."""
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, fields
@@ -18,6 +20,8 @@ LM head without materialising the logits.
                          the same job on a Hugging Face causal LM and TOFU (hub name, or a folder of <split>.json)
   ceu eval --tofu-log MODEL.json --retain-log RETAIN.json
                          TOFU's model utility and forget quality from TOFU-format evaluation logs
+  torchrun --nproc_per_node 8 -m ceu unlearn --model PATH [--parallel fsdp] ...
+                         data parallel over 8 GPUs (DDP, or FSDP2 for models too large to replicate)
 """
 
 # Settings of the embedded default (a ~0.4M-parameter model learns much faster than a 7B one).
@@ -53,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"))
     training.add_argument("--seed", type=int, help="seed of the data order")
     training.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of all weights")
+    training.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                          help="under torchrun: replicate the model (ddp, default) or shard it (fsdp: FSDP2)")
+    training.add_argument("--deterministic", action="store_true", default=None,
+                          help="deterministic algorithms: a rerun gives bitwise the same model")
+    training.add_argument("--checkpoint-dir", help="where checkpoints go (step-NNNNNN.pt)")
+    training.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
+    training.add_argument("--resume-from", help="a checkpoint to continue from (same data and settings)")
     reference = unlearn.add_argument_group("reproduce the reference implementation's behaviour (open-unlearning)")
     reference.add_argument("--forget-mask", choices=("shifted", "unshifted"),
                            help="unshifted: its off-by-one forget mask (default shifted)")
@@ -121,6 +132,19 @@ def _config(args, output_dir: Path):
     return UnlearnConfig(**settings, log_path=str(output_dir / "log.jsonl"))
 
 
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block before the other ranks of a process group do."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if distributed and dist.get_rank() == 0:
+        dist.barrier()
+
+
 class Job:
     """The models, samples and eval sets of one run: the embedded default's or a Hugging Face model's."""
 
@@ -131,7 +155,8 @@ class Job:
         if args.model is None:
             from ceu.synthetic import TEMPLATE, stage_one
 
-            self.stage = stage_one()
+            with main_process_first():  # rank 0 trains and caches the stage-one models, the others load them
+                self.stage = stage_one()
             self.tokenizer, self.template = self.stage.tokenizer, TEMPLATE
             self.forget_split, self.retain_split = self.stage.forget_split, self.stage.retain_split
         else:
@@ -206,23 +231,65 @@ def report_block(job: Job, log: dict | None, retain_loss: float, gold_log: dict 
     return {**block, "retain_loss": retain_loss}
 
 
+def start_distributed():
+    """This process's device; under ``torchrun`` (``WORLD_SIZE`` > 1) it first joins the process group, NCCL on
+    GPUs (one per local rank) and gloo on CPUs."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def data_parallel(model, how: str, device):
+    """The model wrapped for the ranks of the process group: DDP, or FSDP2 with each transformer block (the model's
+    ``_no_split_modules``) sharded on its own and the rest, LM head included, with the root."""
+    import torch
+
+    from ceu.train import causal_lm
+
+    if how == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(causal_lm(model), "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
 def run_unlearn(args) -> int:
+    import torch.distributed as dist
+
     from ceu.eval import format_table, plot_training_log
-    from ceu.train import unlearn
+    from ceu.train import is_main_process, unlearn
 
     start = time.perf_counter()
+    device = start_distributed()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    main_process = is_main_process()
+    say = print if main_process else (lambda *_: None)
     output_dir = args.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     config = _config(args, output_dir)
     job = Job(args)
     forget_samples, retain_samples = job.samples(job.forget_split), job.samples(job.retain_split)
     eval_sets = job.eval_sets()
-    device = "cuda" if _cuda() else "cpu"
 
+    # Every rank measures (under FSDP the forward is collective), rank 0 reports.
     logs, retain_losses = {}, {}
     gold = job.model("retain")
     if gold is not None:
-        print("measuring the retain-only (gold) model")
+        say("measuring the retain-only (gold) model")
         logs["retain_model"], retain_losses["retain_model"] = measure(job, gold.to(device), eval_sets, retain_samples)
         del gold
     model = job.model("learned")
@@ -232,17 +299,31 @@ def run_unlearn(args) -> int:
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                            target_modules="all-linear"))
     model.to(device)
-    print(f"measuring the model before unlearning ({len(forget_samples)} forget, {len(retain_samples)} retain)")
+    say(f"measuring the model before unlearning ({len(forget_samples)} forget, {len(retain_samples)} retain)")
     logs["learned"], retain_losses["learned"] = measure(job, model, eval_sets, retain_samples)
 
-    print(f"unlearning {job.forget_split} under retain loss <= epsilon on {job.retain_split}")
-    result = unlearn(model, forget_samples, retain_samples, config, pad_token_id=job.tokenizer.pad_token_id)
+    say(f"unlearning {job.forget_split} under retain loss <= epsilon on {job.retain_split}"
+        + (f" on {world_size} ranks ({args.parallel})" if world_size > 1 else ""))
+    trained = data_parallel(model, args.parallel, device) if world_size > 1 else model
+    result = unlearn(trained, forget_samples, retain_samples, config, pad_token_id=job.tokenizer.pad_token_id)
     logs["unlearned"], retain_losses["unlearned"] = measure(job, model, eval_sets, retain_samples)
 
-    plot_training_log(config.log_path, output_dir / "training.png")
     if not args.no_save_model:
-        model.save_pretrained(output_dir / "model")
-        job.tokenizer.save_pretrained(output_dir / "model")
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        # Gathers FSDP shards (every rank takes part); a plain model's own state otherwise.
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if main_process:
+            model.save_pretrained(output_dir / "model", state_dict=state)
+            job.tokenizer.save_pretrained(output_dir / "model")
+    if world_size > 1:
+        dist.destroy_process_group()
+    if not main_process:
+        return 0
+    plot_training_log(config.log_path, output_dir / "training.png")
     order = [name for name in ("learned", "unlearned", "retain_model") if name in logs]
     blocks = {name: report_block(job, logs[name], retain_losses[name], logs.get("retain_model")) for name in order}
     for name in order:
@@ -295,12 +376,6 @@ def run_eval(args) -> int:
     print(format_table(blocks))
     print(f"written to {args.output_dir / 'eval.json'}")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """The ``ceu`` command: help, a tiny end-to-end run on a saved Hugging Face model, and scoring TOFU's logs."""
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ceu.cli import main
 
@@ -25,7 +30,9 @@ def write_jsonl(path, records):
     path.write_text("\n".join(json.dumps(record) for record in records))
 
 
-def test_tiny_unlearn_run_on_a_saved_model_and_tofu_format_folder(tmp_path, capsys):
+def tiny_job(tmp_path) -> list[str]:
+    """A tiny saved Llama (also the retain model) and 4 forget / 4 retain samples in TOFU's folder layout: the
+    arguments of `ceu unlearn` on them."""
     pytest.importorskip("transformers")
     from ceu.synthetic import TinyLlama, build_tokenizer, make_world
 
@@ -40,9 +47,12 @@ def test_tiny_unlearn_run_on_a_saved_model_and_tofu_format_folder(tmp_path, caps
                           "retain_perturbed": retain, "real_authors_perturbed": world["real_authors"][:2],
                           "world_facts_perturbed": world["world_facts"][:2]}.items():
         write_jsonl(data / f"{name}.json", records)
+    return ["unlearn", "--model", str(model_dir), "--retain-model", str(model_dir), "--data", str(data), "--lr", "1e-3"]
+
+
+def test_tiny_unlearn_run_on_a_saved_model_and_tofu_format_folder(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["unlearn", "--model", str(model_dir), "--retain-model", str(model_dir), "--data", str(data),
-                 "--epochs", "1", "--batch-size", "2", "--lr", "1e-3", "--epsilon", "10", "--output-dir",
+    assert main([*tiny_job(tmp_path), "--epochs", "1", "--batch-size", "2", "--epsilon", "10", "--output-dir",
                  str(out), "--no-save-model"]) == 0
     results = json.loads((out / "results.json").read_text())
     for block in ("learned", "unlearned", "retain_model"):
@@ -60,3 +70,48 @@ def test_eval_scores_tofu_logs(capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["model_utility"] == pytest.approx(0.522074, abs=1e-6)
     assert summary["forget_quality"] == pytest.approx(2.194274e-16, rel=1e-5)
+
+
+def test_resume_from_a_checkpoint_on_the_command_line(tmp_path):
+    job = [*tiny_job(tmp_path), "--epochs", "2", "--batch-size", "2", "--epsilon", "0", "--lambda-init", "1",
+           "--dual-warmup-epochs", "0", "--no-save-model", "--deterministic"]
+    checkpoints = tmp_path / "checkpoints"
+    assert main([*job, "--output-dir", str(tmp_path / "full"), "--checkpoint-dir", str(checkpoints),
+                 "--checkpoint-every", "1"]) == 0
+    assert main([*job, "--output-dir", str(tmp_path / "resumed"), "--resume-from",
+                 str(checkpoints / "step-000002.pt")]) == 0
+    full, resumed = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("full", "resumed"))
+    assert full["steps"] == resumed["steps"] == 4 and len(list(checkpoints.glob("step-*.pt"))) == 4
+    assert resumed["final_lambda"] == full["final_lambda"] != 1.0
+    assert resumed["unlearned"]["retain_loss"] == full["unlearned"]["retain_loss"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_on_two_processes_matches_one_process_with_the_global_batch(tmp_path, parallel):
+    """The README's multi-GPU command on two CPU processes; the unlearned model it saves (gathered from the FSDP shards
+    or DDP's replica) equals that of one process taking both ranks' micro-batches at once."""
+    job = [*tiny_job(tmp_path), "--epochs", "2", "--epsilon", "0", "--lambda-init", "1", "--dual-warmup-epochs", "0"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "ceu", *job, "--batch-size", "1", "--parallel", parallel,
+               "--threads", "1", "--output-dir", str(tmp_path / "two")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main([*job, "--batch-size", "2", "--output-dir", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one"))
+    assert two["steps"] == one["steps"] == 4
+    assert two["final_lambda"] == pytest.approx(one["final_lambda"], rel=1e-5) and one["final_lambda"] != 1.0
+    from transformers import AutoModelForCausalLM
+
+    learned = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    two_ranks, one_process = (AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").state_dict()
+                              for name in ("two", "one"))
+    assert max((one_process[name] - learned[name]).abs().max() for name in learned) > 1e-3
+    for name, value in one_process.items():
+        torch.testing.assert_close(two_ranks[name], value, rtol=1e-4, atol=5e-5)
