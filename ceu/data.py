@@ -14,6 +14,7 @@ import torch
 
 IGNORE_INDEX = -100
 QA_FIELDS = ("question", "answer")
+JSON_HINT = "Is it valid JSON or JSON Lines (one object per line)?"
 
 
 def load_records(source: str, config: str | None = None, split: str = "train"):
@@ -33,12 +34,15 @@ def load_records(source: str, config: str | None = None, split: str = "train"):
             raise FileNotFoundError(f"no {config}.json or {config}.jsonl in {source}")
         path = found[0]
     if path.is_file():
+        with open(path, "rb") as file:  # pyarrow's JSON reader crashes the interpreter on a leading null: look first
+            if file.read(4096).lstrip().startswith(b"null"):
+                raise ValueError(f"{path}: {_json_problem(path)}. {JSON_HINT}")
         # an empty file raises StopIteration; broken JSON, ValueError or DatasetGenerationError (pyarrow's parse error)
         try:
             records = datasets.load_dataset("json", data_files=str(path), split="train")
         except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
             problem = _json_problem(path) or f"datasets could not read it ({error.__cause__ or error!r})"
-            raise ValueError(f"{path}: {problem}. Is it valid JSON or JSON Lines (one object per line)?") from error
+            raise ValueError(f"{path}: {problem}. {JSON_HINT}") from error
         where = str(path)
     elif path.suffix in (".json", ".jsonl"):
         raise FileNotFoundError(f"no such data file: {source}")

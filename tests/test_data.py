@@ -122,6 +122,16 @@ def test_load_records_names_the_corrupt_split_file_in_a_folder(tmp_path):
                                         "line 3 column 30.")
 
 
+@pytest.mark.parametrize("content, problem", [("null", "the top level is null, not a list of objects"),
+                                              ('  null\n{"a": 1}', "line 1 is null, not an object")])
+def test_a_file_that_starts_with_null_is_refused_before_pyarrow_crashes_on_it(tmp_path, content, problem):
+    path = tmp_path / "null.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError) as caught:  # pyarrow's reader ends the process with a segfault on this file
+        load_records(str(path))
+    assert str(caught.value) == f"{path}: {problem}. Is it valid JSON or JSON Lines (one object per line)?"
+
+
 @pytest.mark.skipif(not TOFU_FIXTURES.is_dir(), reason="TOFU fixtures not found")
 def test_load_records_reads_tofus_own_files():
     records = load_records(str(TOFU_FIXTURES / "world_facts_perturbed.json"))
