@@ -15,7 +15,7 @@ The config's optimisation fields (lr, epochs, batch size, schedule) are ignored 
 import random
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ceu.data import pad_batch
 from ceu.primal_dual import PrimalDual
@@ -65,16 +65,25 @@ class DualStepCallback(TrainerCallback):
 class PrimalDualTrainer(Trainer):
     """``transformers.Trainer`` whose loss is the PDU Lagrangian ``γ·L_fgt + λ·(L_rtn − ε)``.
 
+    The fused losses use the LM-head weight outside the model's forward, so under DDP ``ddp_find_unused_parameters``
+    defaults to False here: Trainer's default search (True) marks the head unused at the forward, and DDP then fails
+    in the backward ("marked as ready twice"). Setting it to True is refused.
+
     Args:
-        unlearn_config: ε, λ₀, η_λ, γ, the dual warm-up (in epochs), ``impl`` and the reference-quirk options.
+        unlearn_config: ε, λ₀, η_λ, γ, the dual warm-up (in epochs), ``impl`` and the reference-quirk options
+            (default: ``UnlearnConfig()``).
         primal_dual: an existing :class:`PrimalDual` (e.g. restored from a checkpoint); its warm-up is kept as is.
     """
 
-    def __init__(self, *args, unlearn_config: UnlearnConfig = UnlearnConfig(), primal_dual: PrimalDual | None = None,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.unlearn_config = unlearn_config
-        config = unlearn_config
+    def __init__(self, model=None, args: TrainingArguments | None = None, *rest,
+                 unlearn_config: UnlearnConfig | None = None, primal_dual: PrimalDual | None = None, **kwargs):
+        args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
+        if args.ddp_find_unused_parameters:
+            raise ValueError("ddp_find_unused_parameters=True breaks DDP here: the fused losses use the LM-head weight "
+                             "outside the model's forward, so DDP marks it unused and then ready in the backward")
+        args.ddp_find_unused_parameters = False
+        super().__init__(model, args, *rest, **kwargs)
+        self.unlearn_config = config = unlearn_config or UnlearnConfig()
         self.primal_dual = primal_dual or PrimalDual(config.lambda_init, config.dual_lr, config.epsilon,
                                                      forget_weight=config.forget_weight,
                                                      update_every=config.dual_update)
