@@ -12,6 +12,7 @@ initialises). Train on a :class:`ForgetRetainDataset` with :class:`ForgetRetainC
 
 The config's optimisation fields (lr, epochs, batch size, schedule) are ignored here: ``TrainingArguments`` rules.
 """
+import collections
 import random
 
 import torch
@@ -23,18 +24,27 @@ from ceu.train import UnlearnConfig, pdu_losses
 
 
 class ForgetRetainDataset(torch.utils.data.Dataset):
-    """One item per forget sample, each paired with a retain sample drawn at random (seeded)."""
+    """One item per forget sample, each paired with a retain sample drawn at random.
+
+    The draw is a function of (seed, forget index, how often this process has fetched that index), not of a shared
+    generator's call order: under data parallelism every rank fetches different forget indices, so the ranks also get
+    different retain samples, and each new epoch draws new partners. (DataLoader workers each count their own
+    fetches; without ``persistent_workers`` they restart every epoch and so repeat the first epoch's partners.)
+    """
 
     def __init__(self, forget: list[dict], retain: list[dict], seed: int = 0):
         if not forget or not retain:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
-        self.forget, self.retain, self.rng = forget, retain, random.Random(seed)
+        self.forget, self.retain, self.seed = forget, retain, seed
+        self.visits = collections.Counter()
 
     def __len__(self) -> int:
         return len(self.forget)
 
     def __getitem__(self, index: int) -> dict:
-        return {"forget": self.forget[index], "retain": self.retain[self.rng.randrange(len(self.retain))]}
+        draw = random.Random(f"{self.seed}/{index}/{self.visits[index]}").randrange(len(self.retain))
+        self.visits[index] += 1
+        return {"forget": self.forget[index], "retain": self.retain[draw]}
 
 
 class ForgetRetainCollator:

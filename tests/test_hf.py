@@ -49,3 +49,22 @@ def test_dataset_and_collator():
     assert batch["forget"]["input_ids"].shape[0] == batch["retain"]["labels"].shape[0] == 2
     with pytest.raises(ValueError, match="need forget and retain"):
         ForgetRetainDataset([], qa_samples(1))
+
+
+def test_retain_partners_follow_the_forget_index_and_change_with_each_visit():
+    from ceu.hf import ForgetRetainDataset
+
+    retain = [{"input_ids": [i], "labels": [i]} for i in range(50)]
+    forget = qa_samples(6)
+
+    def partners(dataset, indices):
+        return [dataset[i]["retain"]["input_ids"][0] for i in indices]
+
+    # Two ranks with one seed fetch disjoint indices: their partners differ.
+    rank0, rank1 = ForgetRetainDataset(forget, retain), ForgetRetainDataset(forget, retain)
+    first_epoch = partners(rank0, [0, 2, 4])
+    assert first_epoch != partners(rank1, [1, 3, 5])
+    # The partner follows the index, not the order of the fetches.
+    assert partners(ForgetRetainDataset(forget, retain), [4, 2, 0]) == first_epoch[::-1]
+    # A second fetch of the same indices (the next epoch) draws new partners.
+    assert partners(rank0, [0, 2, 4]) != first_epoch
