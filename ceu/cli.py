@@ -22,6 +22,8 @@ LM head without materialising the logits.
                          TOFU's model utility and forget quality from TOFU-format evaluation logs
   torchrun --nproc_per_node 8 -m ceu unlearn --model PATH [--parallel fsdp] ...
                          data parallel over 8 GPUs (DDP, or FSDP2 for models too large to replicate)
+  accelerate launch --multi_gpu --num_processes 8 -m ceu unlearn --trainer hf --model PATH ...
+                         the same with transformers.Trainer under accelerate
 """
 
 # Settings of the embedded default (a ~0.4M-parameter model learns much faster than a 7B one).
@@ -59,9 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of all weights")
     training.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                           help="under torchrun: replicate the model (ddp, default) or shard it (fsdp: FSDP2)")
+    training.add_argument("--trainer", choices=("ceu", "hf"), default="ceu",
+                          help="the training loop: ceu's own (default) or transformers.Trainer (ceu.hf.PrimalDualTrainer"
+                               "; for accelerate launch, whose config then rules the parallelism)")
     training.add_argument("--deterministic", action="store_true", default=None,
                           help="deterministic algorithms: a rerun gives bitwise the same model")
-    training.add_argument("--checkpoint-dir", help="where checkpoints go (step-NNNNNN.pt)")
+    training.add_argument("--checkpoint-dir", help="where checkpoints go (step-NNNNNN.pt; checkpoint-N/ with --trainer hf)")
     training.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
     training.add_argument("--resume-from", help="a checkpoint to continue from (same data and settings)")
     reference = unlearn.add_argument_group("reproduce the reference implementation's behaviour (open-unlearning)")
@@ -109,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in ("unlearn", "eval", "-h", "--help"):
         argv = ["unlearn", *argv]  # `ceu [options]` is `ceu unlearn [options]`
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "trainer", None) == "hf" and args.parallel == "fsdp":
+        parser.error("--parallel fsdp is for ceu's loop; with --trainer hf, accelerate's config sets up FSDP")
     import torch
 
     if args.threads or args.model is None:
@@ -303,9 +311,15 @@ def run_unlearn(args) -> int:
     logs["learned"], retain_losses["learned"] = measure(job, model, eval_sets, retain_samples)
 
     say(f"unlearning {job.forget_split} under retain loss <= epsilon on {job.retain_split}"
-        + (f" on {world_size} ranks ({args.parallel})" if world_size > 1 else ""))
-    trained = data_parallel(model, args.parallel, device) if world_size > 1 else model
-    result = unlearn(trained, forget_samples, retain_samples, config, pad_token_id=job.tokenizer.pad_token_id)
+        + (f" on {world_size} ranks ({args.parallel if args.trainer == 'ceu' else 'Trainer'})" if world_size > 1 else ""))
+    if args.trainer == "hf":  # Trainer wraps the model and shards the data itself
+        from ceu.hf import unlearn_with_trainer
+
+        result = unlearn_with_trainer(model, forget_samples, retain_samples, config,
+                                      pad_token_id=job.tokenizer.pad_token_id, output_dir=output_dir / "trainer")
+    else:
+        trained = data_parallel(model, args.parallel, device) if world_size > 1 else model
+        result = unlearn(trained, forget_samples, retain_samples, config, pad_token_id=job.tokenizer.pad_token_id)
     logs["unlearned"], retain_losses["unlearned"] = measure(job, model, eval_sets, retain_samples)
 
     if not args.no_save_model:

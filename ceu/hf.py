@@ -5,45 +5,55 @@ head, no logits) and minimises the same Lagrangian; a callback runs the dual upd
 (``on_step_end``), averaged over the accumulation window and across ranks (``torch.distributed``, which accelerate
 initialises). Train on a :class:`ForgetRetainDataset` with :class:`ForgetRetainCollator`::
 
-    trainer = PrimalDualTrainer(model=model, args=TrainingArguments(...), unlearn_config=UnlearnConfig(...),
+    trainer = PrimalDualTrainer(model=model, args=training_arguments(config, "runs/hf"), unlearn_config=config,
                                 train_dataset=ForgetRetainDataset(forget, retain),
                                 data_collator=ForgetRetainCollator(tokenizer.pad_token_id))
     trainer.train()
 
-The config's optimisation fields (lr, epochs, batch size, schedule) are ignored here: ``TrainingArguments`` rules.
+or call :func:`unlearn_with_trainer`, which does that and returns what :func:`ceu.unlearn` returns. λ is saved with
+every Trainer checkpoint and restored by ``trainer.train(resume_from_checkpoint=...)``.
 """
-import collections
+import dataclasses
+import json
+import math
 import random
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ceu.data import pad_batch
-from ceu.primal_dual import PrimalDual
-from ceu.train import UnlearnConfig, pdu_losses
+from ceu.primal_dual import PrimalDual, distributed_mean
+from ceu.train import (UnlearnConfig, UnlearnResult, check_not_empty, constraint_bound, deterministic_algorithms,
+                       pdu_losses)
+
+PRIMAL_DUAL_FILE = "primal_dual.pt"
+LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 class ForgetRetainDataset(torch.utils.data.Dataset):
     """One item per forget sample, each paired with a retain sample drawn at random.
 
-    The draw is a function of (seed, forget index, how often this process has fetched that index), not of a shared
-    generator's call order: under data parallelism every rank fetches different forget indices, so the ranks also get
-    different retain samples, and each new epoch draws new partners. (DataLoader workers each count their own
-    fetches; without ``persistent_workers`` they restart every epoch and so repeat the first epoch's partners.)
+    The draw is a function of (seed, epoch, forget index), not of a shared generator's call order: under data
+    parallelism every rank fetches different forget indices, so the ranks get different retain partners; each epoch
+    draws new ones; and a resumed run, or DataLoader workers, draw exactly what an uninterrupted run does.
+    :class:`PrimalDualTrainer` calls :meth:`set_epoch` at the start of every epoch.
     """
 
     def __init__(self, forget: list[dict], retain: list[dict], seed: int = 0):
         if not forget or not retain:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
-        self.forget, self.retain, self.seed = forget, retain, seed
-        self.visits = collections.Counter()
+        self.forget, self.retain, self.seed, self.epoch = forget, retain, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.forget)
 
     def __getitem__(self, index: int) -> dict:
-        draw = random.Random(f"{self.seed}/{index}/{self.visits[index]}").randrange(len(self.retain))
-        self.visits[index] += 1
+        draw = random.Random(f"{self.seed}/{self.epoch}/{index}").randrange(len(self.retain))
         return {"forget": self.forget[index], "retain": self.retain[draw]}
 
 
@@ -58,7 +68,8 @@ class ForgetRetainCollator:
 
 
 class DualStepCallback(TrainerCallback):
-    """Sizes the warm start from the run's steps per epoch, then runs the dual update after each optimizer step."""
+    """Sizes the warm start from the run's steps per epoch, tells the dataset the epoch, and runs the dual update
+    after each optimizer step."""
 
     def __init__(self, primal_dual: PrimalDual, warmup_epochs: float | None):
         self.primal_dual, self.warmup_epochs = primal_dual, warmup_epochs
@@ -68,8 +79,40 @@ class DualStepCallback(TrainerCallback):
             steps_per_epoch = state.max_steps / args.num_train_epochs
             self.primal_dual.warmup_steps = round(self.warmup_epochs * steps_per_epoch)
 
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        dataset = getattr(train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(math.floor(state.epoch or 0))  # on resume, the checkpoint's epoch
+
     def on_step_end(self, args, state, control, **kwargs):
         self.primal_dual.step()
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Writes the slim loop's JSONL log lines (step, epoch, losses, λ, ε, slack, lr) from the Trainer's logs."""
+
+    def __init__(self, path: str, primal_dual: PrimalDual):
+        self.path, self.primal_dual = Path(path), primal_dual
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A fresh log; a resumed run keeps the lines up to its checkpoint's step."""
+        if not state.is_world_process_zero:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if state.global_step and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= state.global_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or "forget_loss" not in (logs or {}):
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch, 4), "forget_loss": logs["forget_loss"],
+                  "retain_loss": logs["retain_loss"], "lambda": logs["lambda"], "epsilon": logs["epsilon"],
+                  "slack": logs["retain_loss"] - logs["epsilon"], "lr": logs.get("learning_rate"),
+                  "dual_warmup": state.global_step <= self.primal_dual.warmup_steps}
+        with self.path.open("a") as log_file:
+            log_file.write(json.dumps(record) + "\n")
 
 
 class PrimalDualTrainer(Trainer):
@@ -79,10 +122,13 @@ class PrimalDualTrainer(Trainer):
     defaults to False here: Trainer's default search (True) marks the head unused at the forward, and DDP then fails
     in the backward ("marked as ready twice"). Setting it to True is refused.
 
+    Logs add ``lambda``, ``epsilon`` and the forget and retain losses averaged over the logging interval and the ranks.
+    Checkpoints add ``primal_dual.pt`` (λ, ε, dual steps), which ``train(resume_from_checkpoint=...)`` restores.
+
     Args:
         unlearn_config: ε, λ₀, η_λ, γ, the dual warm-up (in epochs), ``impl`` and the reference-quirk options
             (default: ``UnlearnConfig()``).
-        primal_dual: an existing :class:`PrimalDual` (e.g. restored from a checkpoint); its warm-up is kept as is.
+        primal_dual: an existing :class:`PrimalDual`; its warm-up is kept as is.
     """
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *rest,
@@ -102,17 +148,82 @@ class PrimalDualTrainer(Trainer):
         # The Lagrangian is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
+        self._logged_losses, self._logged_micro_batches = None, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget_loss, retain_loss = pdu_losses(model, inputs["forget"], inputs["retain"], self.unlearn_config)
         loss = self.primal_dual.lagrangian(forget_loss, retain_loss)
         if model.training:
             self.primal_dual.observe(retain_loss)
+            losses = torch.stack([forget_loss.detach().float(), retain_loss.detach().float()])
+            self._logged_losses = losses if self._logged_losses is None else self._logged_losses + losses
+            self._logged_micro_batches += 1
         return (loss, {"forget_loss": forget_loss.detach(), "retain_loss": retain_loss.detach()}) \
             if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs):
+        """Every rank calls this (Trainer gathers the loss first), so the interval means are all-reduced here."""
         logs = {**logs, "lambda": self.primal_dual.lam.item(), "epsilon": self.primal_dual.epsilon}
-        if self.primal_dual.last_retain_loss is not None:
-            logs["retain_loss"] = self.primal_dual.last_retain_loss.item()
+        if self._logged_micro_batches:
+            forget_loss, retain_loss = (distributed_mean(self._logged_losses) / self._logged_micro_batches).tolist()
+            logs.update(forget_loss=forget_loss, retain_loss=retain_loss)
+            self._logged_losses, self._logged_micro_batches = None, 0
         super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            torch.save(self.primal_dual.state_dict(), folder / PRIMAL_DUAL_FILE)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            path = Path(resume_from_checkpoint) / PRIMAL_DUAL_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: {resume_from_checkpoint} was not written by "
+                                        "PrimalDualTrainer, so λ cannot be restored")
+            self.primal_dual.load_state_dict(torch.load(path, map_location="cpu"))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def training_arguments(config: UnlearnConfig, output_dir: str | Path, **overrides) -> TrainingArguments:
+    """``TrainingArguments`` with ``config``'s optimisation settings (batch size per device, accumulation, epochs, LR,
+    schedule and warm-up, weight decay, clipping, seed, bf16, logging and checkpoint interval), so a Trainer run is
+    set up as :func:`ceu.unlearn` is. Two differences are Trainer's own: it exempts biases and norm weights from
+    weight decay, and its sampler shuffles with ``seed`` in its own order."""
+    on_cpu = not torch.cuda.is_available()
+    bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and not on_cpu
+                                                and torch.cuda.is_bf16_supported())
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=config.batch_size,
+                    gradient_accumulation_steps=config.grad_accum_steps, num_train_epochs=config.epochs,
+                    learning_rate=config.lr, weight_decay=config.weight_decay,
+                    lr_scheduler_type=LR_SCHEDULER_TYPES[config.lr_schedule], warmup_steps=config.lr_warmup_ratio,
+                    max_grad_norm=config.max_grad_norm or 0.0, seed=config.seed, bf16=bf16, use_cpu=on_cpu,
+                    logging_steps=config.log_every, disable_tqdm=not config.progress, report_to=[],
+                    save_strategy="steps" if config.checkpoint_every else "no",
+                    save_steps=config.checkpoint_every or 500)
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def unlearn_with_trainer(model, forget_data: list[dict], retain_data: list[dict],
+                         config: UnlearnConfig = UnlearnConfig(), pad_token_id: int = 0,
+                         output_dir: str | Path = "runs/trainer") -> UnlearnResult:
+    """:func:`ceu.unlearn` run by :class:`PrimalDualTrainer`: the way to run PDU under ``accelerate launch`` (or a
+    DeepSpeed config). Pass the unwrapped model and the full data on every rank; Trainer wraps the model and shards
+    the data. ``config.checkpoint_dir`` (default ``output_dir``) receives Trainer checkpoints every
+    ``checkpoint_every`` steps; ``resume_from`` is one of them. ``log_path`` gets the slim loop's JSONL log."""
+    check_not_empty(forget_data, retain_data)
+    epsilon, initial_retain_loss = constraint_bound(model, retain_data, config, pad_token_id)
+    args = training_arguments(config, config.checkpoint_dir or output_dir)
+    trainer = PrimalDualTrainer(model=model, args=args,
+                                unlearn_config=dataclasses.replace(config, epsilon=epsilon),
+                                train_dataset=ForgetRetainDataset(forget_data, retain_data, seed=config.seed),
+                                data_collator=ForgetRetainCollator(pad_token_id))
+    if config.log_path:
+        trainer.add_callback(JsonlLogCallback(config.log_path, trainer.primal_dual))
+    with deterministic_algorithms(config.deterministic):
+        trainer.train(resume_from_checkpoint=config.resume_from)
+    model.eval()
+    return UnlearnResult.of(trainer.primal_dual, trainer.state.global_step, initial_retain_loss)

@@ -88,6 +88,14 @@ class UnlearnResult:
     final_retain_loss: float | None = None  # mean retain loss of the last optimizer step
     constraint_met: bool | None = None      # final_retain_loss <= epsilon
 
+    @classmethod
+    def of(cls, primal_dual: PrimalDual, steps: int, initial_retain_loss: float | None) -> "UnlearnResult":
+        """The result of a run whose dual state ended as ``primal_dual``."""
+        last = primal_dual.last_retain_loss
+        final_retain_loss = None if last is None else last.item()
+        return cls(primal_dual.epsilon, primal_dual.lam.item(), steps, initial_retain_loss, primal_dual,
+                   final_retain_loss, None if final_retain_loss is None else final_retain_loss <= primal_dual.epsilon)
+
 
 def causal_lm(model):
     """The ``*ForCausalLM`` inside DDP, ``torch.compile`` and PEFT wrappers."""
@@ -347,6 +355,23 @@ def open_log(path: str | None, resumed_step: int):
     return log_file
 
 
+def check_not_empty(forget_data: list[dict], retain_data: list[dict]) -> None:
+    if not forget_data or not retain_data:
+        empty = "forget set is empty: nothing to unlearn" if not forget_data else "retain set is empty: no constraint"
+        raise ValueError(f"need forget and retain samples, got {len(forget_data)} and {len(retain_data)}: the {empty}")
+
+
+def constraint_bound(model, retain_data: list[dict], config: UnlearnConfig,
+                     pad_token_id: int) -> tuple[float, float | None]:
+    """``(ε, L_rtn(θ₀))``: ``config.epsilon``, or ``(1 + α)·L_rtn(θ₀)`` measured now when ``epsilon_alpha`` is set
+    (not on resume, where θ₀ is gone and ε comes from the checkpoint)."""
+    if config.epsilon_alpha is None or config.resume_from:
+        return config.epsilon, None
+    model.eval()
+    initial_retain_loss = dataset_loss(model, retain_data, pad_token_id, impl=config.impl)
+    return relative_epsilon(initial_retain_loss, config.epsilon_alpha), initial_retain_loss
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool):
     """``torch.use_deterministic_algorithms(True)`` while the block runs (the fused losses then avoid their atomic
@@ -377,9 +402,7 @@ def unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Unl
     micro-batch holds ``batch_size · world size`` forget samples, every rank takes its own share, and the losses are
     the global micro-batch's token-means, so the run matches one process with ``batch_size · world size``.
     """
-    if not forget_data or not retain_data:
-        empty = "forget set is empty: nothing to unlearn" if not forget_data else "retain set is empty: no constraint"
-        raise ValueError(f"need forget and retain samples, got {len(forget_data)} and {len(retain_data)}: the {empty}")
+    check_not_empty(forget_data, retain_data)
     with deterministic_algorithms(config.deterministic):
         return _unlearn(model, forget_data, retain_data, config, pad_token_id)
 
@@ -402,12 +425,7 @@ def _unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Un
                                 / config.grad_accum_steps)
 
     # The constraint and its dual variable (a resumed run takes ε from its checkpoint: θ₀ is gone).
-    initial_retain_loss = None
-    epsilon = config.epsilon
-    if config.epsilon_alpha is not None and not config.resume_from:
-        model.eval()
-        initial_retain_loss = dataset_loss(model, retain_data, pad_token_id, impl=config.impl)
-        epsilon = relative_epsilon(initial_retain_loss, config.epsilon_alpha)
+    epsilon, initial_retain_loss = constraint_bound(model, retain_data, config, pad_token_id)
     primal_dual = PrimalDual(config.lambda_init, config.dual_lr, epsilon,
                              warmup_steps=round(config.dual_warmup_epochs * steps_per_epoch),
                              forget_weight=config.forget_weight, update_every=config.dual_update)
@@ -475,7 +493,7 @@ def _unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Un
                       "forget_loss": forget_mean, "retain_loss": retain_mean,
                       "lambda": primal_dual.lam.item(), "epsilon": epsilon, "slack": retain_mean - epsilon,
                       "lr": lr, "tokens_per_s": tokens * world_size / max(now - last_log_time, 1e-9),
-                      "dual_warmup": primal_dual.warming_up}
+                      "dual_warmup": step + 1 <= primal_dual.warmup_steps}  # λ held this step
             bar.set_postfix(fgt=f"{forget_mean:.3g}", rtn=f"{retain_mean:.3g}", lam=f"{record['lambda']:.3g}")
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
@@ -492,7 +510,4 @@ def _unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Un
     if log_file:
         log_file.close()
     model.eval()
-    final_retain_loss = None if primal_dual.last_retain_loss is None else primal_dual.last_retain_loss.item()
-    constraint_met = None if final_retain_loss is None else final_retain_loss <= epsilon
-    return UnlearnResult(epsilon, primal_dual.lam.item(), len(windows), initial_retain_loss, primal_dual,
-                         final_retain_loss, constraint_met)
+    return UnlearnResult.of(primal_dual, len(windows), initial_retain_loss)

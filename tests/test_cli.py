@@ -26,6 +26,12 @@ def test_help_explains_the_commands(capsys):
     assert "--epsilon-alpha" in capsys.readouterr().out
 
 
+def test_fsdp_flag_is_refused_with_the_trainer_loop(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "--trainer", "hf", "--parallel", "fsdp"])
+    assert exit_info.value.code == 2 and "accelerate's config sets up FSDP" in capsys.readouterr().err
+
+
 def write_jsonl(path, records):
     path.write_text("\n".join(json.dumps(record) for record in records))
 
@@ -115,3 +121,32 @@ def test_torchrun_on_two_processes_matches_one_process_with_the_global_batch(tmp
     assert max((one_process[name] - learned[name]).abs().max() for name in learned) > 1e-3
     for name, value in one_process.items():
         torch.testing.assert_close(two_ranks[name], value, rtol=1e-4, atol=5e-5)
+
+
+def test_accelerate_launch_runs_the_trainer_on_two_processes(tmp_path):
+    """The README's `accelerate launch` command on two CPU processes: Trainer shards each optimizer step's samples over
+    the ranks (half the steps of one process with the same per-rank batch) and λ follows the all-reduced retain loss.
+    Trainer averages the ranks' token-means where one process takes one token-mean, so the two runs agree closely
+    but not exactly (tests/test_accelerate_launch.py checks the all-reduce itself)."""
+    pytest.importorskip("accelerate")
+    job = [*tiny_job(tmp_path), "--trainer", "hf", "--epochs", "2", "--epsilon", "0", "--lambda-init", "1",
+           "--dual-warmup-epochs", "0"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "ceu", *job, "--batch-size", "1", "--threads", "1",
+               "--output-dir", str(tmp_path / "two")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "on 2 ranks (Trainer)" in run.stdout
+    assert main([*job, "--batch-size", "2", "--output-dir", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one"))
+    assert two["steps"] == one["steps"] == 4
+    assert two["final_lambda"] == pytest.approx(one["final_lambda"], rel=1e-2) and one["final_lambda"] > 50
+    logged = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == [1, 2, 3, 4] and logged[-1]["lambda"] == two["final_lambda"]
+    from transformers import AutoModelForCausalLM
+
+    learned = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    unlearned = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
+    assert max((unlearned[name] - learned[name]).abs().max() for name in learned) > 1e-3

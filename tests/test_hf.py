@@ -1,4 +1,6 @@
 """ceu.hf: the PDU step as a transformers.Trainer on a tiny model."""
+import json
+
 import pytest
 import torch
 
@@ -51,7 +53,7 @@ def test_dataset_and_collator():
         ForgetRetainDataset([], qa_samples(1))
 
 
-def test_retain_partners_follow_the_forget_index_and_change_with_each_visit():
+def test_retain_partners_follow_the_forget_index_and_the_epoch():
     from ceu.hf import ForgetRetainDataset
 
     retain = [{"input_ids": [i], "labels": [i]} for i in range(50)]
@@ -64,7 +66,53 @@ def test_retain_partners_follow_the_forget_index_and_change_with_each_visit():
     rank0, rank1 = ForgetRetainDataset(forget, retain), ForgetRetainDataset(forget, retain)
     first_epoch = partners(rank0, [0, 2, 4])
     assert first_epoch != partners(rank1, [1, 3, 5])
-    # The partner follows the index, not the order of the fetches.
-    assert partners(ForgetRetainDataset(forget, retain), [4, 2, 0]) == first_epoch[::-1]
-    # A second fetch of the same indices (the next epoch) draws new partners.
-    assert partners(rank0, [0, 2, 4]) != first_epoch
+    # The partner follows the index, not the order or number of fetches (a resumed run draws the same).
+    assert partners(ForgetRetainDataset(forget, retain), [4, 2, 0]) == first_epoch[::-1] == partners(rank0, [4, 2, 0])
+    # The next epoch draws new partners, and the same ones on every copy of the dataset.
+    rank0.set_epoch(1)
+    second = ForgetRetainDataset(forget, retain)
+    second.set_epoch(1)
+    assert partners(rank0, [0, 2, 4]) == partners(second, [0, 2, 4]) != first_epoch
+
+
+def test_training_arguments_carry_the_config():
+    from ceu.hf import training_arguments
+
+    config = UnlearnConfig(epochs=3, lr=2e-4, batch_size=3, grad_accum_steps=2, weight_decay=0.1, lr_schedule="cosine",
+                           lr_warmup_ratio=0.25, max_grad_norm=None, seed=7, log_every=5, checkpoint_every=4,
+                           checkpoint_dir="unused", progress=False, mixed_precision="no")
+    args = training_arguments(config, "out", logging_steps=2)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (3, 2, 3)
+    assert (args.learning_rate, args.weight_decay, args.lr_scheduler_type.value) == (2e-4, 0.1, "cosine")
+    assert (args.warmup_steps, args.max_grad_norm, args.seed, args.bf16) == (0.25, 0.0, 7, False)
+    assert (args.save_strategy.value, args.save_steps, args.logging_steps, args.disable_tqdm) == ("steps", 4, 2, True)
+    assert training_arguments(UnlearnConfig(lr_schedule="constant"), "out").lr_scheduler_type.value \
+        == "constant_with_warmup"
+
+
+def test_trainer_run_resumed_from_a_checkpoint_retraces_the_uninterrupted_run(tmp_path):
+    from ceu.hf import unlearn_with_trainer
+
+    settings = dict(epochs=2, lr=1e-2, batch_size=1, grad_accum_steps=2, lambda_init=1.0, dual_lr=2.0, epsilon=0.0,
+                    dual_warmup_epochs=1, progress=False, checkpoint_every=2)
+    forget, retain = qa_samples(6), qa_samples(5, seed=1)
+
+    def run(name, **overrides):
+        config = UnlearnConfig(**settings, checkpoint_dir=str(tmp_path / "checkpoints"),
+                               log_path=str(tmp_path / f"{name}.jsonl"), **overrides)
+        model = tiny_model()
+        result = unlearn_with_trainer(model, forget, retain, config, output_dir=tmp_path)
+        lines = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        return result, torch.cat([p.detach().flatten() for p in model.parameters()]), lines
+
+    full, full_weights, full_log = run("full")
+    assert full.steps == 6 and [line["dual_warmup"] for line in full_log] == [True] * 3 + [False] * 3
+    assert full.final_lambda != 1.0 and full.constraint_met is False
+    resumed, resumed_weights, resumed_log = run("resumed", resume_from=str(tmp_path / "checkpoints" / "checkpoint-4"))
+    assert resumed.final_lambda == full.final_lambda and resumed.steps == 6
+    assert torch.equal(resumed_weights, full_weights)
+    assert [line["step"] for line in resumed_log] == [5, 6]
+    for mine, theirs in zip(resumed_log, full_log[4:]):
+        assert mine["lambda"] == theirs["lambda"] and mine["forget_loss"] == theirs["forget_loss"]
+    with pytest.raises(FileNotFoundError, match="primal_dual.pt"):
+        run("broken", resume_from=str(tmp_path))

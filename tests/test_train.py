@@ -128,7 +128,7 @@ def test_loop_updates_lambda_once_per_optimizer_step_after_the_warm_start(tmp_pa
         assert record["lambda"] == pytest.approx(lam, rel=1e-5)
         assert record["slack"] == pytest.approx(record["retain_loss"] - 0.5, rel=1e-5)
     assert result.final_lambda == pytest.approx(lam, rel=1e-5)
-    assert [r["dual_warmup"] for r in log[:3]] == [True, False, False]
+    assert [r["dual_warmup"] for r in log] == [True, True, False, False, False, False]
 
 
 def test_epsilon_relative_to_the_initial_retain_loss():
