@@ -25,8 +25,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ceu.data import pad_batch
 from ceu.primal_dual import PrimalDual, distributed_mean
-from ceu.train import (UnlearnConfig, UnlearnResult, check_not_empty, constraint_bound, deterministic_algorithms,
-                       pdu_losses)
+from ceu.train import (UnlearnConfig, UnlearnResult, answer_token_counts, check_not_empty, constraint_bound,
+                       deterministic_algorithms, global_token_scales, pdu_losses)
 
 PRIMAL_DUAL_FILE = "primal_dual.pt"
 LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -122,6 +122,8 @@ class PrimalDualTrainer(Trainer):
     defaults to False here: Trainer's default search (True) marks the head unused at the forward, and DDP then fails
     in the backward ("marked as ready twice"). Setting it to True is refused.
 
+    While training, the losses are token-means over the global micro-batch (the ranks' answer-token counts are
+    all-reduced, :func:`ceu.train.global_token_scales`), so N ranks match one process with N times the batch.
     Logs add ``lambda``, ``epsilon`` and the forget and retain losses averaged over the logging interval and the ranks.
     Checkpoints add ``primal_dual.pt`` (λ, ε, dual steps), which ``train(resume_from_checkpoint=...)`` restores.
 
@@ -151,7 +153,11 @@ class PrimalDualTrainer(Trainer):
         self._logged_losses, self._logged_micro_batches = None, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forget_loss, retain_loss = pdu_losses(model, inputs["forget"], inputs["retain"], self.unlearn_config)
+        # Token-means over the global micro-batch, as in ceu.unlearn, however unevenly the ranks' tokens fall.
+        token_scales = global_token_scales(inputs["forget"], inputs["retain"], self.unlearn_config) \
+            if model.training and self.unlearn_config.empty_batch == "zero" else None
+        forget_loss, retain_loss = pdu_losses(model, inputs["forget"], inputs["retain"], self.unlearn_config,
+                                              token_scales)
         loss = self.primal_dual.lagrangian(forget_loss, retain_loss)
         if model.training:
             self.primal_dual.observe(retain_loss)
@@ -215,6 +221,13 @@ def unlearn_with_trainer(model, forget_data: list[dict], retain_data: list[dict]
     the data. ``config.checkpoint_dir`` (default ``output_dir``) receives Trainer checkpoints every
     ``checkpoint_every`` steps; ``resume_from`` is one of them. ``log_path`` gets the slim loop's JSONL log."""
     check_not_empty(forget_data, retain_data)
+    # Trainer's sampler makes the micro-batches, so each sample must have an answer token for each batch to have one.
+    for name, samples, shifted in (("forget", forget_data, config.forget_mask == "shifted"),
+                                   ("retain", retain_data, True)):
+        empty = [index for index, count in enumerate(answer_token_counts(samples, shifted)) if count == 0]
+        if empty:
+            raise ValueError(f"{name} samples {empty[:8]}{' ...' if len(empty) > 8 else ''} have no answer token: "
+                             "their answers are truncated or masked; raise max_length or drop them")
     epsilon, initial_retain_loss = constraint_bound(model, retain_data, config, pad_token_id)
     args = training_arguments(config, config.checkpoint_dir or output_dir)
     trainer = PrimalDualTrainer(model=model, args=args,

@@ -175,8 +175,27 @@ def answer_token_losses(model, batch: dict, impl: str = "auto") -> tuple[torch.T
     return losses, targets != IGNORE_INDEX
 
 
+def forget_answer_mask(labels: torch.Tensor, config: UnlearnConfig) -> torch.Tensor:
+    """The forget positions the LMF loss counts: position t predicts token t+1, so it counts when t+1 is an answer
+    token (``[B, T-1]``); ``forget_mask="unshifted"`` is the reference's ``labels != -100`` (``[B, T]``)."""
+    return (labels[:, 1:] if config.forget_mask == "shifted" else labels) != IGNORE_INDEX
+
+
+def global_token_scales(forget: dict, retain: dict, config: UnlearnConfig) -> torch.Tensor:
+    """``pdu_losses``' ``token_scales`` for a micro-batch whose global answer-token counts are not known in advance
+    (a sampler hands each rank its share): ``world size / global count`` of forget and retain tokens, from one
+    all-reduce of the local counts. A global micro-batch without answer tokens gets loss 0."""
+    counts = torch.stack([forget_answer_mask(forget["labels"], config).sum(),
+                          (retain["labels"][:, 1:] != IGNORE_INDEX).sum()]).float()
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        world_size = dist.get_world_size()
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return world_size / counts.clamp_min(1.0)
+
+
 def pdu_losses(model, forget: dict, retain: dict, config: UnlearnConfig,
-               token_scales: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               token_scales: tuple[float, float] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L_fgt, L_rtn)`` of one micro-batch pair: the LMF loss over the forget answer tokens and the token-mean
     cross-entropy over the retain answer tokens, both fused on the LM-head weight.
 
@@ -186,10 +205,9 @@ def pdu_losses(model, forget: dict, retain: dict, config: UnlearnConfig,
     """
     forget_hidden = final_hidden_states(model, forget["input_ids"], forget["attention_mask"])
     weight, bias = head_parameters(model, forget_hidden.dtype)
-    if config.forget_mask == "shifted":  # position t predicts token t+1: count it when t+1 is an answer token
-        forget_hidden, forget_mask = forget_hidden[:, :-1], forget["labels"][:, 1:] != IGNORE_INDEX
-    else:
-        forget_mask = forget["labels"] != IGNORE_INDEX
+    forget_mask = forget_answer_mask(forget["labels"], config)
+    if config.forget_mask == "shifted":
+        forget_hidden = forget_hidden[:, :-1]
     retain_hidden = final_hidden_states(model, retain["input_ids"], retain["attention_mask"])[:, :-1]
     retain_targets = retain["labels"][:, 1:]
     if config.empty_batch == "zero" and token_scales is None:

@@ -124,10 +124,9 @@ def test_torchrun_on_two_processes_matches_one_process_with_the_global_batch(tmp
 
 
 def test_accelerate_launch_runs_the_trainer_on_two_processes(tmp_path):
-    """The README's `accelerate launch` command on two CPU processes: Trainer shards each optimizer step's samples over
-    the ranks (half the steps of one process with the same per-rank batch) and λ follows the all-reduced retain loss.
-    Trainer averages the ranks' token-means where one process takes one token-mean, so the two runs agree closely
-    but not exactly (tests/test_accelerate_launch.py checks the all-reduce itself)."""
+    """The README's `accelerate launch` command on two CPU processes: Trainer's sampler gives the ranks one global
+    micro-batch's samples, the losses are its token-means and λ steps from the all-reduced retain loss, so the run
+    matches one process taking both ranks' samples at once (the ranks' answer-token counts differ)."""
     pytest.importorskip("accelerate")
     job = [*tiny_job(tmp_path), "--trainer", "hf", "--epochs", "2", "--epsilon", "0", "--lambda-init", "1",
            "--dual-warmup-epochs", "0"]
@@ -142,11 +141,16 @@ def test_accelerate_launch_runs_the_trainer_on_two_processes(tmp_path):
     assert main([*job, "--batch-size", "2", "--output-dir", str(tmp_path / "one")]) == 0
     two, one = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one"))
     assert two["steps"] == one["steps"] == 4
-    assert two["final_lambda"] == pytest.approx(one["final_lambda"], rel=1e-2) and one["final_lambda"] > 50
-    logged = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in logged] == [1, 2, 3, 4] and logged[-1]["lambda"] == two["final_lambda"]
+    assert two["final_lambda"] == pytest.approx(one["final_lambda"], rel=1e-5) and one["final_lambda"] > 50
+    two_log, one_log = ([json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+                        for name in ("two", "one"))
+    assert [line["step"] for line in two_log] == [1, 2, 3, 4]
+    assert [line["lambda"] for line in two_log] == pytest.approx([line["lambda"] for line in one_log], rel=1e-5)
     from transformers import AutoModelForCausalLM
 
     learned = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
-    unlearned = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
-    assert max((unlearned[name] - learned[name]).abs().max() for name in learned) > 1e-3
+    two_ranks, one_process = (AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").state_dict()
+                              for name in ("two", "one"))
+    assert max((one_process[name] - learned[name]).abs().max() for name in learned) > 1e-3
+    for name, value in one_process.items():
+        torch.testing.assert_close(two_ranks[name], value, rtol=1e-4, atol=5e-5)

@@ -116,3 +116,15 @@ def test_trainer_run_resumed_from_a_checkpoint_retraces_the_uninterrupted_run(tm
         assert mine["lambda"] == theirs["lambda"] and mine["forget_loss"] == theirs["forget_loss"]
     with pytest.raises(FileNotFoundError, match="primal_dual.pt"):
         run("broken", resume_from=str(tmp_path))
+
+
+def test_trainer_run_refuses_empty_data_and_samples_without_answer_tokens(tmp_path):
+    from ceu.hf import unlearn_with_trainer
+
+    config = UnlearnConfig(progress=False)
+    with pytest.raises(ValueError, match="forget set is empty"):
+        unlearn_with_trainer(tiny_model(), [], qa_samples(2), config, output_dir=tmp_path)
+    truncated = qa_samples(3)
+    truncated[1] = {"input_ids": truncated[1]["input_ids"][:4], "labels": truncated[1]["labels"][:4]}
+    with pytest.raises(ValueError, match=r"forget samples \[1\] have no answer token"):
+        unlearn_with_trainer(tiny_model(), truncated, qa_samples(2), config, output_dir=tmp_path)
