@@ -185,6 +185,8 @@ class PrimalDualTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
         if resume_from_checkpoint:
             path = Path(resume_from_checkpoint) / PRIMAL_DUAL_FILE
             if not path.is_file():

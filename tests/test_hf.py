@@ -116,6 +116,13 @@ def test_trainer_run_resumed_from_a_checkpoint_retraces_the_uninterrupted_run(tm
         assert mine["lambda"] == theirs["lambda"] and mine["forget_loss"] == theirs["forget_loss"]
     with pytest.raises(FileNotFoundError, match="primal_dual.pt"):
         run("broken", resume_from=str(tmp_path))
+    # resume_from_checkpoint=True takes the newest checkpoint, and says so when there is none
+    from ceu.hf import PrimalDualTrainer
+
+    trainer = PrimalDualTrainer(model=tiny_model(), args=transformers.TrainingArguments(
+        output_dir=str(tmp_path / "empty"), use_cpu=True, report_to=[]))
+    with pytest.raises(ValueError, match="no checkpoint to resume from"):
+        trainer.train(resume_from_checkpoint=True)
 
 
 def test_trainer_run_refuses_empty_data_and_samples_without_answer_tokens(tmp_path):
