@@ -62,11 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                           help="under torchrun: replicate the model (ddp, default) or shard it (fsdp: FSDP2)")
     training.add_argument("--trainer", choices=("ceu", "hf"), default="ceu",
-                          help="the training loop: ceu's own (default) or transformers.Trainer (ceu.hf.PrimalDualTrainer"
-                               "; for accelerate launch, whose config then rules the parallelism)")
+                          help="the training loop: ceu's own (default) or transformers.Trainer "
+                               "(ceu.hf.PrimalDualTrainer; for accelerate launch, whose config rules the parallelism)")
     training.add_argument("--deterministic", action="store_true", default=None,
                           help="deterministic algorithms: a rerun gives bitwise the same model")
-    training.add_argument("--checkpoint-dir", help="where checkpoints go (step-NNNNNN.pt; checkpoint-N/ with --trainer hf)")
+    training.add_argument("--checkpoint-dir",
+                          help="where checkpoints go (step-NNNNNN.pt; checkpoint-N/ with --trainer hf)")
     training.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
     training.add_argument("--resume-from", help="a checkpoint to continue from (same data and settings)")
     reference = unlearn.add_argument_group("reproduce the reference implementation's behaviour (open-unlearning)")
@@ -310,8 +311,9 @@ def run_unlearn(args) -> int:
     say(f"measuring the model before unlearning ({len(forget_samples)} forget, {len(retain_samples)} retain)")
     logs["learned"], retain_losses["learned"] = measure(job, model, eval_sets, retain_samples)
 
+    loop = args.parallel if args.trainer == "ceu" else "Trainer"
     say(f"unlearning {job.forget_split} under retain loss <= epsilon on {job.retain_split}"
-        + (f" on {world_size} ranks ({args.parallel if args.trainer == 'ceu' else 'Trainer'})" if world_size > 1 else ""))
+        + (f" on {world_size} ranks ({loop})" if world_size > 1 else ""))
     if args.trainer == "hf":  # Trainer wraps the model and shards the data itself
         from ceu.hf import unlearn_with_trainer
 

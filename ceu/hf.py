@@ -101,7 +101,8 @@ class JsonlLogCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if state.global_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= state.global_step]
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["step"] <= state.global_step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -108,11 +108,13 @@ def test_trainer_run_resumed_from_a_checkpoint_retraces_the_uninterrupted_run(tm
     full, full_weights, full_log = run("full")
     assert full.steps == 6 and [line["dual_warmup"] for line in full_log] == [True] * 3 + [False] * 3
     assert full.final_lambda != 1.0 and full.constraint_met is False
+    # The interrupted run's log goes on: lines past the checkpoint are dropped, then logged again.
+    (tmp_path / "resumed.jsonl").write_text((tmp_path / "full.jsonl").read_text())
     resumed, resumed_weights, resumed_log = run("resumed", resume_from=str(tmp_path / "checkpoints" / "checkpoint-4"))
     assert resumed.final_lambda == full.final_lambda and resumed.steps == 6
     assert torch.equal(resumed_weights, full_weights)
-    assert [line["step"] for line in resumed_log] == [5, 6]
-    for mine, theirs in zip(resumed_log, full_log[4:]):
+    assert [line["step"] for line in resumed_log] == list(range(1, 7))
+    for mine, theirs in zip(resumed_log, full_log):
         assert mine["lambda"] == theirs["lambda"] and mine["forget_loss"] == theirs["forget_loss"]
     with pytest.raises(FileNotFoundError, match="primal_dual.pt"):
         run("broken", resume_from=str(tmp_path))
