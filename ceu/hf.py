@@ -33,28 +33,34 @@ LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "c
 
 
 class ForgetRetainDataset(torch.utils.data.Dataset):
-    """One item per forget sample, each paired with a retain sample drawn at random.
+    """One item per forget sample, each paired with a retain sample.
 
-    The draw is a function of (seed, epoch, forget index), not of a shared generator's call order: under data
-    parallelism every rank fetches different forget indices, so the ranks get different retain partners; each epoch
-    draws new ones; and a resumed run, or DataLoader workers, draw exactly what an uninterrupted run does.
-    :class:`PrimalDualTrainer` calls :meth:`set_epoch` at the start of every epoch.
+    Each epoch pairs the forget set with seeded shuffled passes over the retain set, a function of (seed, epoch)
+    alone: no two forget samples share a partner unless the forget set outnumbers the retain set, so data-parallel
+    ranks never train on the same retain sample in an epoch; each epoch draws new partners; and a resumed run, or
+    DataLoader workers, pair exactly as an uninterrupted run does. :class:`PrimalDualTrainer` calls
+    :meth:`set_epoch` at the start of every epoch.
     """
 
     def __init__(self, forget: list[dict], retain: list[dict], seed: int = 0):
         if not forget or not retain:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
-        self.forget, self.retain, self.seed, self.epoch = forget, retain, seed, 0
+        self.forget, self.retain, self.seed = forget, retain, seed
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        passes = []
+        for index in range(math.ceil(len(self.forget) / len(self.retain))):
+            order = list(range(len(self.retain)))
+            random.Random(f"{self.seed}/{epoch}/{index}").shuffle(order)
+            passes += order
+        self.epoch, self.partners = epoch, passes[:len(self.forget)]
 
     def __len__(self) -> int:
         return len(self.forget)
 
     def __getitem__(self, index: int) -> dict:
-        draw = random.Random(f"{self.seed}/{self.epoch}/{index}").randrange(len(self.retain))
-        return {"forget": self.forget[index], "retain": self.retain[draw]}
+        return {"forget": self.forget[index], "retain": self.retain[self.partners[index]]}
 
 
 class ForgetRetainCollator:

@@ -53,26 +53,28 @@ def test_dataset_and_collator():
         ForgetRetainDataset([], qa_samples(1))
 
 
-def test_retain_partners_follow_the_forget_index_and_the_epoch():
+def test_retain_partners_are_distinct_within_an_epoch_and_follow_the_epoch():
     from ceu.hf import ForgetRetainDataset
 
-    retain = [{"input_ids": [i], "labels": [i]} for i in range(50)]
-    forget = qa_samples(6)
+    retain = [{"input_ids": [i], "labels": [i]} for i in range(10)]
 
     def partners(dataset, indices):
         return [dataset[i]["retain"]["input_ids"][0] for i in indices]
 
-    # Two ranks with one seed fetch disjoint indices: their partners differ.
-    rank0, rank1 = ForgetRetainDataset(forget, retain), ForgetRetainDataset(forget, retain)
-    first_epoch = partners(rank0, [0, 2, 4])
-    assert first_epoch != partners(rank1, [1, 3, 5])
-    # The partner follows the index, not the order or number of fetches (a resumed run draws the same).
-    assert partners(ForgetRetainDataset(forget, retain), [4, 2, 0]) == first_epoch[::-1] == partners(rank0, [4, 2, 0])
-    # The next epoch draws new partners, and the same ones on every copy of the dataset.
+    # Two ranks' copies with one seed: the partners follow the index, not the order of the fetches, and no two
+    # forget samples share one, so the ranks' retain samples never overlap.
+    rank0, rank1 = ForgetRetainDataset(qa_samples(6), retain), ForgetRetainDataset(qa_samples(6), retain)
+    first_epoch = partners(rank0, range(6))
+    assert len(set(first_epoch)) == 6 and partners(rank1, [5, 3, 1]) == [first_epoch[i] for i in (5, 3, 1)]
+    # The next epoch draws new partners, the same on every copy of the dataset.
     rank0.set_epoch(1)
-    second = ForgetRetainDataset(forget, retain)
-    second.set_epoch(1)
-    assert partners(rank0, [0, 2, 4]) == partners(second, [0, 2, 4]) != first_epoch
+    rank1.set_epoch(1)
+    assert partners(rank0, range(6)) == partners(rank1, range(6)) != partners(ForgetRetainDataset(
+        qa_samples(6), retain), range(6))
+    # A forget set larger than the retain set goes through it in whole passes.
+    large = ForgetRetainDataset(qa_samples(25), retain, seed=3)
+    drawn = partners(large, range(25))
+    assert sorted(drawn[:10]) == sorted(drawn[10:20]) == list(range(10)) and len(set(drawn[20:])) == 5
 
 
 def test_training_arguments_carry_the_config():
