@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ceu.data import pad_batch
 from ceu.primal_dual import PrimalDual, distributed_mean
 from ceu.train import (UnlearnConfig, UnlearnResult, answer_token_counts, check_not_empty, constraint_bound,
-                       deterministic_algorithms, global_token_scales, pdu_losses)
+                       deterministic_algorithms, global_token_scales, open_log, pdu_losses, uses_bf16)
 
 PRIMAL_DUAL_FILE = "primal_dual.pt"
 LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -43,8 +43,7 @@ class ForgetRetainDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, forget: list[dict], retain: list[dict], seed: int = 0):
-        if not forget or not retain:
-            raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
+        check_not_empty(forget, retain)
         self.forget, self.retain, self.seed = forget, retain, seed
         self.set_epoch(0)
 
@@ -95,31 +94,30 @@ class DualStepCallback(TrainerCallback):
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Writes the slim loop's JSONL log lines (step, epoch, losses, λ, ε, slack, lr) from the Trainer's logs."""
+    """Writes the slim loop's JSONL log lines (step, epoch, losses, λ, ε, slack, lr) from the Trainer's logs, into a
+    log opened as :func:`ceu.train.open_log` opens it (a resumed run keeps the lines up to its checkpoint)."""
 
     def __init__(self, path: str, primal_dual: PrimalDual):
-        self.path, self.primal_dual = Path(path), primal_dual
+        self.path, self.primal_dual, self.log_file = path, primal_dual, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """A fresh log; a resumed run keeps the lines up to its checkpoint's step."""
-        if not state.is_world_process_zero:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if state.global_step and self.path.exists():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["step"] <= state.global_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        if state.is_world_process_zero:
+            self.log_file = open_log(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or "forget_loss" not in (logs or {}):
+        if self.log_file is None or "forget_loss" not in (logs or {}):
             return
         record = {"step": state.global_step, "epoch": round(state.epoch, 4), "forget_loss": logs["forget_loss"],
                   "retain_loss": logs["retain_loss"], "lambda": logs["lambda"], "epsilon": logs["epsilon"],
                   "slack": logs["retain_loss"] - logs["epsilon"], "lr": logs.get("learning_rate"),
-                  "dual_warmup": state.global_step <= self.primal_dual.warmup_steps}
-        with self.path.open("a") as log_file:
-            log_file.write(json.dumps(record) + "\n")
+                  "dual_warmup": self.primal_dual.held_last_step}
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
 
 
 class PrimalDualTrainer(Trainer):
@@ -209,8 +207,7 @@ def training_arguments(config: UnlearnConfig, output_dir: str | Path, **override
     set up as :func:`ceu.unlearn` is. Two differences are Trainer's own: it exempts biases and norm weights from
     weight decay, and its sampler shuffles with ``seed`` in its own order."""
     on_cpu = not torch.cuda.is_available()
-    bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and not on_cpu
-                                                and torch.cuda.is_bf16_supported())
+    bf16 = uses_bf16(config, "cpu" if on_cpu else "cuda")
     settings = dict(output_dir=str(output_dir), per_device_train_batch_size=config.batch_size,
                     gradient_accumulation_steps=config.grad_accum_steps, num_train_epochs=config.epochs,
                     learning_rate=config.lr, weight_decay=config.weight_decay,

@@ -70,6 +70,11 @@ class PrimalDual:
     def warming_up(self) -> bool:
         return self.steps < self.warmup_steps
 
+    @property
+    def held_last_step(self) -> bool:
+        """Whether the last :meth:`step` kept λ at λ₀ (it fell in the warm start): what a log line of that step shows."""
+        return self.steps <= self.warmup_steps
+
     def lagrangian(self, forget_loss: torch.Tensor, retain_loss: torch.Tensor) -> torch.Tensor:
         """``γ·L_fgt + λ·(L_rtn − ε)``, with λ a constant for autograd."""
         self.lam = self.lam.to(retain_loss.device)

@@ -235,11 +235,15 @@ def dataset_loss(model, samples: list[dict], pad_token_id: int = 0, batch_size: 
     return (total / count.clamp_min(1)).item()
 
 
+def uses_bf16(config: UnlearnConfig, device_type: str) -> bool:
+    """bf16 mixed precision on GPUs that support it (``"auto"``), everywhere for ``"bf16"``, never for ``"no"``."""
+    return config.mixed_precision == "bf16" or (
+        config.mixed_precision == "auto" and device_type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def autocast_context(config: UnlearnConfig, device: torch.device):
-    """bf16 autocast on GPUs that support it (``"auto"``), everywhere for ``"bf16"``, never for ``"no"``."""
-    use_bf16 = config.mixed_precision == "bf16" or (
-        config.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(config, device.type) \
+        else contextlib.nullcontext()
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -511,7 +515,7 @@ def _unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Un
                       "forget_loss": forget_mean, "retain_loss": retain_mean,
                       "lambda": primal_dual.lam.item(), "epsilon": epsilon, "slack": retain_mean - epsilon,
                       "lr": lr, "tokens_per_s": tokens * world_size / max(now - last_log_time, 1e-9),
-                      "dual_warmup": step + 1 <= primal_dual.warmup_steps}  # λ held this step
+                      "dual_warmup": primal_dual.held_last_step}
             bar.set_postfix(fgt=f"{forget_mean:.3g}", rtn=f"{retain_mean:.3g}", lam=f"{record['lambda']:.3g}")
             if log_file:
                 log_file.write(json.dumps(record) + "\n")

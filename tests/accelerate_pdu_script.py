@@ -52,8 +52,8 @@ def main(out_dir: Path) -> None:
                              report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                              disable_tqdm=True, seed=0)
     config = UnlearnConfig(lambda_init=LAMBDA_INIT, dual_lr=DUAL_LR, epsilon=EPSILON, dual_warmup_epochs=0)
-    # One seed on every rank: the ranks' retain partners still differ (they follow the forget index), so their retain
-    # losses differ and the λ agreement tests the all-reduce.
+    # One seed on every rank: the ranks' retain partners still differ (an epoch pairs each forget sample with its own
+    # retain sample), so their retain losses differ and the λ agreement tests the all-reduce.
     dataset = ForgetRetainDataset(forget, qa_samples(4, seed=1), seed=0)
     trainer = PrimalDualTrainer(model=tiny_model(), args=args, unlearn_config=config, train_dataset=dataset,
                                 data_collator=collator)
