@@ -58,29 +58,45 @@ def test_gradcheck_float64(device, impl):
         (leaf(hidden), leaf(weight), leaf(bias)), fast_mode=impl != "torch")  # full Jacobians are slow in an interpreter
 
 
+TIE_PAIRS = [(3, 150), (0, 199), (64, 65), (17, 18), (100, 131), (31, 32)]  # across and within vocab tiles
+
+
+def planted_integer_ties(vocab=200, hidden_size=32, seed=0):
+    """Token ``t`` has an exact tie in its max between the twin rows ``TIE_PAIRS[t]`` and no other row reaches it.
+
+    Hidden, weight and bias are small integers, so every partial sum of every logit is an integer below 2**8, exact
+    in float16, bfloat16 and float32: the twins tie in any summation order, on any BLAS and any tiling.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-1, 2, (vocab, hidden_size), generator=generator).double()
+    bias = torch.randint(-2, 3, (vocab,), generator=generator).double()
+    hidden = torch.empty(len(TIE_PAIRS), hidden_size, dtype=torch.float64)
+    for token, (first, second) in enumerate(TIE_PAIRS):
+        weight[second], bias[first], bias[second] = weight[first], 3.0, 3.0
+        hidden[token] = weight[first]
+    assert (hidden.abs() @ weight.abs().T + bias.abs()).max() <= 2**8  # bounds every partial sum, in any order
+    logits = hidden @ weight.T + bias
+    for token, pair in enumerate(TIE_PAIRS):
+        assert (logits[token] == logits[token].max()).nonzero().flatten().tolist() == list(pair)
+    return hidden, weight, bias
+
+
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_planted_ties_pick_first_index(device, impl, dtype):
     """Exact ties in the max resolve to the lowest vocabulary index, and only that row receives gradient."""
     if reason := skip_unsupported(device, impl, dtype):
         pytest.skip(reason)
-    vocab, hidden_size = 200, 32
-    hidden, weight, bias = head_inputs(6, hidden_size, vocab, torch.float64, bias=True)
-    tie_pairs = [(3, 150), (0, 199), (64, 65), (17, 18), (100, 131), (31, 32)]  # across and within vocab tiles
-    for token, (first, second) in enumerate(tie_pairs):
-        weight[second] = weight[first]
-        bias[second] = bias[first]
-        hidden[token] = 3 * weight[first]
-    hidden, weight, bias = (t.to(device=device, dtype=dtype) for t in (hidden, weight, bias))
+    hidden, weight, bias = (t.to(device=device, dtype=dtype) for t in planted_integer_ties())
     inputs = [leaf(hidden), leaf(weight), leaf(bias)]
     loss, stats = ceu.linear_lmf_loss(*inputs, reduction="sum", impl=impl, return_stats=True)
-    assert stats.argmax.tolist() == [first for first, _ in tie_pairs]
+    assert stats.argmax.tolist() == [first for first, _ in TIE_PAIRS]
     grad_weight = torch.autograd.grad(loss, inputs[1])[0].double()
     reference_inputs = [leaf(t, torch.float64) for t in (hidden, weight, bias)]
     reference = reference_outputs(*reference_inputs, None, "sum", None)
     reference_grad_weight = torch.autograd.grad(reference, reference_inputs[1])[0]
     tolerance = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
-    for first, second in tie_pairs:
+    for first, second in TIE_PAIRS:
         # The first twin gets the whole +c h; the losing twin only the uniform -c/V share, as in the reference.
         torch.testing.assert_close(grad_weight[[first, second]], reference_grad_weight[[first, second]],
                                    rtol=tolerance, atol=tolerance)

@@ -17,9 +17,10 @@ CASES = {"full": (74, "none"), "padded": (70, "mean"), "padding_shard": (30, "su
 
 def case_inputs(vocab_size):
     hidden, weight, bias = head_inputs(N_TOKENS, HIDDEN_SIZE, WORLD_SIZE * SHARD_ROWS, torch.float64, bias=True)
-    # Plant a tie across the shard boundary: rows 5 (rank 0) and 40 (rank 1) are twins and win for token 0.
-    weight[40], bias[40] = weight[5], bias[5]
-    hidden[0] = 3 * weight[5]
+    # Plant a tie across the shard boundary: rows 5 (rank 0) and 40 (rank 1) are twins and win for token 0. Their
+    # entries and token 0's are small integers, so the twins' logits are exact in any summation order or GEMM shape.
+    twin = torch.tensor([2, -1, 1, 0, -2, 1, 1, -1, 2, 0, 1, -2], dtype=torch.float64)
+    weight[5], weight[40], bias[5], bias[40], hidden[0] = twin, twin, 1.0, 1.0, twin
     return hidden, weight, bias, random_mask((N_TOKENS,))
 
 

@@ -71,7 +71,8 @@ def logits64(hidden, weight, bias, vocab_size=VOCAB_SIZE):
 def planted_ties(dtype):
     """One-hot hidden states, so each logit is exactly a weight entry (plus a constant bias), with equal maxima
     planted per token in different vocab tiles, a larger value in a padded row, and ties at 0.0 for the tokens
-    whose logits are otherwise all negative."""
+    whose logits are otherwise all negative. Every dot product has a single nonzero term, so the planted ties are
+    exact in any summation order and tiling (no reliance on two tiles rounding alike)."""
     generator = torch.Generator().manual_seed(5)
     hidden = torch.zeros(N_TOKENS, 32, dtype=torch.float64)
     hidden[torch.arange(N_TOKENS), torch.arange(N_TOKENS) % 32] = 1.0
