@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .tl_utils import (accumulator, autotuned, dot_precision, head_logits_tile, interpreting, offsets64,
-                       on_device)
+                       on_device, pipelined_operands_bytes)
 
 DEFAULT_BLOCKS = (32, 64, 32)
 """(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (interpreter, fp64)."""
@@ -55,11 +55,19 @@ def _ce_backward_kernel(hidden, weight, bias, labels, lse, grad, grad_hidden, gr
                           mask=col_ok[:, None] & k_ok[None, :])
 
 
+def backward_shared_bytes(config, element_size: int) -> int:
+    """The prologue's pipelined logits GEMM plus ``dlogits`` staged twice (as is and transposed) for the two dots."""
+    blocks = config.kwargs
+    return pipelined_operands_bytes(config, element_size) + 2 * blocks["BLOCK_M"] * blocks["BLOCK_V"] * element_size
+
+
 _ce_backward_tuned = autotuned(
     _ce_backward_kernel,
     [triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=s)
-     for m, v, h, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]],
-    key=["vocab_size", "dim"], reset_to_zero=["grad_hidden", "grad_weight", "grad_bias"])
+     for m, v, h, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 64, 32, 4, 3),
+                           (64, 128, 32, 4, 3), (64, 64, 32, 4, 3)]],
+    key=["vocab_size", "dim"], shared_memory=backward_shared_bytes,
+    reset_to_zero=["grad_hidden", "grad_weight", "grad_bias"])
 
 
 def ce_gradients(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index, needs_hidden, needs_weight,

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import accumulator, autotuned, dot_precision, interpreting, logits_tile, offsets64, on_device
+from .tl_utils import (accumulator, autotuned, dot_precision, interpreting, logits_tile, offsets64, on_device,
+                       pipelined_operands_bytes)
 
 DEFAULT_BLOCKS = (32, 64, 32)
 """(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (interpreter, fp64)."""
@@ -53,8 +54,9 @@ def _ce_forward_kernel(hidden, weight, bias, labels, partial_max, partial_sum, t
 _ce_forward_tuned = autotuned(
     _ce_forward_kernel,
     [triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=s)
-     for m, v, h, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)]],
-    key=["vocab_size", "dim"])
+     for m, v, h, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 3),
+                           (64, 128, 32, 4, 4)]],
+    key=["vocab_size", "dim"], shared_memory=pipelined_operands_bytes)
 
 
 def vocab_splits(n_tokens: int, vocab_size: int, device: torch.device, align: int) -> tuple[int, int]:

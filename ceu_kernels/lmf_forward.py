@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .tl_utils import (INT64_MIN, accumulator, autotuned, dot_precision, head_logits_tile, interpreting, offsets64,
-                       on_device, pack_max_index, row_max_first_index, unpack_max_index)
+                       on_device, pack_max_index, pipelined_operands_bytes, row_max_first_index, unpack_max_index)
 
 DEFAULT_BLOCKS = (32, 64, 32)
 """(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (interpreter, fp64)."""
@@ -46,8 +46,9 @@ def _lmf_forward_kernel(hidden, weight, bias, packed, partial_max, partial_arg, 
 _lmf_forward_tuned = autotuned(
     _lmf_forward_kernel,
     [triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=s)
-     for m, v, h, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]],
-    key=["vocab_size", "dim"], restore_value=["packed", "row_sums"])
+     for m, v, h, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                           (128, 128, 32, 8, 4), (64, 128, 32, 4, 4)]],
+    key=["vocab_size", "dim"], shared_memory=pipelined_operands_bytes, restore_value=["packed", "row_sums"])
 
 
 def lmf_row_stats(hidden, weight, bias, vocab_size, *, blocks=None, combine=None, with_row_sums=False):
@@ -76,7 +77,7 @@ def lmf_row_stats(hidden, weight, bias, vocab_size, *, blocks=None, combine=None
         empty = torch.empty(0, dtype=acc_dtype, device=device)
         return (empty, torch.empty(0, dtype=torch.int64, device=device)) + ((row_sums,) if with_row_sums else ())
 
-    if blocks is None and (combine == "partials" or interpreting()):
+    if blocks is None and (hidden.dtype == torch.float64 or interpreting()):
         blocks = DEFAULT_BLOCKS
     packed = torch.full((n_tokens if combine == "packed" else 0,), INT64_MIN, dtype=torch.int64, device=device)
     n_vocab_tiles = triton.cdiv(vocab_size, blocks[1]) if combine == "partials" else 0

@@ -16,16 +16,43 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def autotuned(kernel, configs, key, **options):
-    """``kernel`` under ``triton.autotune`` on a GPU; the plain kernel under the interpreter, where autotune fails."""
+def autotuned(kernel, configs, key, shared_memory, **options):
+    """``kernel`` under ``triton.autotune`` on a GPU; the plain kernel under the interpreter, where autotune fails.
+
+    ``shared_memory(config, element_size)`` bounds a config's shared memory from above; the autotuner only tries the
+    configs that fit the launch device (a config that does not would be timed as infinitely slow or, when none fits,
+    make the launch raise), and the configs are chosen so that one fits every dtype on an A100 or an H100.
+    """
     if interpreting():
         return kernel
-    return triton.autotune(configs, key=key, **options)(kernel)
+
+    def fitting(configs, named_args, **_):
+        limit = shared_memory_limit(named_args["hidden"].device)
+        element_size = named_args["hidden"].element_size()
+        fits = [config for config in configs if shared_memory(config, element_size) <= limit]
+        if not fits:
+            raise RuntimeError(f"{kernel.__name__}: no autotune config fits {limit} bytes of shared memory for "
+                               f"{element_size}-byte inputs")
+        return fits
+
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": fitting}, **options)(kernel)
+
+
+def pipelined_operands_bytes(config, element_size: int) -> int:
+    """Shared memory of a K-pipelined ``[BLOCK_M, BLOCK_H] x [BLOCK_H, BLOCK_V]`` dot: ``num_stages`` copies of both
+    operand tiles (Hopper's wgmma pipeline keeps that many, Ampere's one fewer; the epilogue reuses the ring)."""
+    blocks = config.kwargs
+    return config.num_stages * (blocks["BLOCK_M"] + blocks["BLOCK_V"]) * blocks["BLOCK_H"] * element_size
 
 
 def on_device(tensor: torch.Tensor):
     """Context in which a launch runs on ``tensor``'s GPU (a no-op for CPU tensors under the interpreter)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def shared_memory_limit(device: torch.device) -> int:
+    """Per-block shared memory of ``device`` in bytes, the limit Triton checks when it loads a kernel."""
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
