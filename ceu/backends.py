@@ -18,7 +18,16 @@ def _unavailable(impl: str, why: str) -> RuntimeError:
 AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 """What ``impl="auto"`` tries on CUDA devices, first available wins: the fully fused Triton kernels never write
 logits, the CUDA backend writes a bounded chunk of them, the chunked PyTorch path is the fallback. Not yet confirmed
-by a GPU benchmark (see benchmarks/RESULTS.md); on every other device ``"auto"`` is ``"torch"``."""
+by a GPU benchmark (see benchmarks/RESULTS.md); on every other device ``"auto"`` is ``"torch"``. Triton is skipped
+where its GEMM would not run on tensor cores (:func:`triton_dot_on_tensor_cores`)."""
+
+
+def triton_dot_on_tensor_cores(dtype: torch.dtype) -> bool:
+    """Whether Triton's ``tl.dot`` runs on tensor cores for inputs of ``dtype``: yes for float16, bfloat16 and
+    float64, and for float32 when ``torch.get_float32_matmul_precision()`` allows TF32 ("high" or "medium"). Under
+    "highest" a float32 dot lowers to FMA on CUDA cores with heavy register spills (see ``make compile-check``), so
+    ``impl="auto"`` then takes the cuBLAS-based backends, which run a true float32 GEMM at full speed."""
+    return not (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest")
 
 
 ATOMIC_OPS = {"triton": ("ce",), "cuda": ("lmf",)}
@@ -27,15 +36,19 @@ ATOMIC_OPS = {"triton": ("ce",), "cuda": ("lmf",)}
 PyTorch does for its own nondeterministic ops."""
 
 
-def resolve(impl: str, device: torch.device, loss: str | None = None) -> types.ModuleType:
+def resolve(impl: str, device: torch.device, loss: str | None = None,
+            dtype: torch.dtype | None = None) -> types.ModuleType:
     """The backend module for ``impl`` on ``device``; ``"auto"`` picks the fastest one available there (for ``loss``,
-    ``"lmf"`` or ``"ce"``, a deterministic one when deterministic algorithms are on)."""
+    ``"lmf"`` or ``"ce"``, a deterministic one when deterministic algorithms are on; for inputs of ``dtype``, one
+    whose GEMM runs on tensor cores or in cuBLAS)."""
     if impl == "auto":
         if device.type != "cuda":
             return chunked
         for candidate in AUTO_ORDER_CUDA:
+            if candidate == "triton" and dtype is not None and not triton_dot_on_tensor_cores(dtype):
+                continue
             try:
-                return resolve(candidate, device, loss)
+                return resolve(candidate, device, loss, dtype)
             except RuntimeError:
                 continue
     if loss in ATOMIC_OPS.get(impl, ()) and torch.are_deterministic_algorithms_enabled():

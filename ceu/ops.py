@@ -9,7 +9,7 @@ from .chunked import stat_dtype
 
 
 def _backend(impl: str, hidden: Tensor, loss: str):
-    return backends.resolve(impl, hidden.device, loss)
+    return backends.resolve(impl, hidden.device, loss, hidden.dtype)
 
 
 @torch.library.custom_op("ceu::lmf_forward", mutates_args=())

@@ -88,3 +88,24 @@ def test_deterministic_algorithms_steer_auto_away_from_atomic_backwards(monkeypa
         with pytest.raises(RuntimeError, match="cross-entropy backward accumulates with atomic adds"):
             backends.resolve("triton", cuda, "ce")
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_auto_keeps_float32_off_triton_unless_tf32_is_allowed(monkeypatch):
+    """A float32 ``tl.dot`` under "highest" precision runs on CUDA cores: auto takes the cuBLAS-based backends."""
+    pytest.importorskip("triton")
+    from ceu import backends, chunked
+    from ceu_kernels import triton_backend
+
+    monkeypatch.setattr(backends, "AUTO_ORDER_CUDA", ("triton", "torch"))
+    cuda = torch.device("cuda")  # resolve only reads the device type: this runs without a GPU
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert backends.resolve("auto", cuda, "lmf", torch.float32) is chunked
+        assert backends.resolve("auto", cuda, "lmf", torch.bfloat16) is triton_backend
+        assert backends.resolve("auto", cuda, "ce", torch.float64) is triton_backend
+        assert backends.resolve("triton", cuda, "lmf", torch.float32) is triton_backend  # asked for by name
+        torch.set_float32_matmul_precision("high")
+        assert backends.resolve("auto", cuda, "lmf", torch.float32) is triton_backend
+    finally:
+        torch.set_float32_matmul_precision(previous)
