@@ -4,6 +4,7 @@ without holding ``[tokens, V]`` logits; the backward recomputes each chunk's log
 import torch
 
 from . import backends, checks, ops
+from .lmf import autocast_disabled, backward_without_autocast
 from .reference import reduce_tokens
 
 
@@ -18,6 +19,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_loss):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         vocab_size, ignore_index, impl, chunk_size = ctx.config
@@ -35,14 +37,17 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100
     Conventions as :func:`ceu.linear_lmf_loss`; tokens whose label is ``ignore_index`` are masked. Unlike
     ``F.cross_entropy``, a batch with every label ignored gives 0 for ``"mean"`` (not NaN), with zero gradients.
     Labels are not shifted: pass ``labels[..., 1:]`` with ``hidden[..., :-1, :]`` for next-token prediction.
+    Autocast does not change what is computed: the GEMMs run in the inputs' dtype, the softmax in float32 (float64
+    for float64 inputs).
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_labels(labels, hidden, vocab_size, ignore_index)
     backends.resolve(impl, hidden.device, "ce")  # fail here, before any work, if impl cannot run on this device
     flat_labels = labels.reshape(-1)
-    loss = LinearCrossEntropyFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels,
-                                            vocab_size, ignore_index, impl, chunk_size)
-    loss = reduce_tokens(loss, flat_labels != ignore_index, reduction)
+    with autocast_disabled(hidden.device):
+        loss = LinearCrossEntropyFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels,
+                                                vocab_size, ignore_index, impl, chunk_size)
+        loss = reduce_tokens(loss, flat_labels != ignore_index, reduction)
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 

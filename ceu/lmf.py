@@ -3,6 +3,8 @@
 The mean needs no GEMM: ``mean_j z_j = h . w_mean + b_mean``. The forward's only GEMM feeds a running max/argmax;
 the backward is the closed form ``dlogits = c (onehot(argmax) - 1/V)`` with ``c = 2 g (max - mean)``.
 """
+import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -22,6 +24,25 @@ class LMFStats(NamedTuple):
 
 UPCAST_CHUNK_BYTES = 8 * 2**20
 """Bound on the float32 copy of half-precision hidden states that :func:`hidden_dot` makes at a time."""
+
+
+def autocast_disabled(device):
+    """Autocast off for ``device``'s type: the fused losses compute in their inputs' dtype whatever the caller's
+    autocast (a lowered mat-vec product would round the mean, but not the max, to bfloat16). Entered around each
+    forward and inside each backward, since autograd may run the backward in or out of the caller's autocast block."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def backward_without_autocast(backward):
+    """Decorates an autograd ``backward(ctx, grad, ...)`` to run under :func:`autocast_disabled` for ``grad``'s
+    device, whether autograd runs it inside the caller's autocast block or not."""
+    @functools.wraps(backward)
+    def wrapped(ctx, grad, *more_grads):
+        with autocast_disabled(grad.device):
+            return backward(ctx, grad, *more_grads)
+    return wrapped
 
 
 def hidden_dot(hidden, vector):
@@ -80,6 +101,7 @@ class LinearLMFFunction(torch.autograd.Function):
         return loss, row_max, row_mean, argmax
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_loss, *_):
         hidden, weight, argmax, gap, weight_mean, mask = ctx.saved_tensors
         coef = gap_coefficient(grad_loss, gap, mask)
@@ -107,15 +129,19 @@ def linear_lmf_loss(hidden, weight, bias=None, *, mask=None, reduction="mean", i
 
     Returns:
         The loss (float32, or float64 for float64 inputs), and the stats when ``return_stats`` is True.
+
+    Autocast does not change what is computed: the GEMM runs in the inputs' dtype and the statistics in float32
+    (float64 for float64 inputs), with the same value and gradients as without autocast.
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_mask(mask, hidden)
     backends.resolve(impl, hidden.device, "lmf")  # fail here, before any work, if impl cannot run on this device
     lead_shape = hidden.shape[:-1]
     flat_mask = None if mask is None else mask.reshape(-1)
-    loss, row_max, row_mean, argmax = LinearLMFFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_mask, vocab_size, impl, chunk_size)
-    return finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, return_stats)
+    with autocast_disabled(hidden.device):
+        loss, row_max, row_mean, argmax = LinearLMFFunction.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_mask, vocab_size, impl, chunk_size)
+        return finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, return_stats)
 
 
 class LinearLMFLoss(torch.nn.Module):

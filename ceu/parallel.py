@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from . import backends, checks, ops
 from .chunked import stat_dtype
-from .lmf import finish, gap_coefficient, hidden_dot, masked_square
+from .lmf import autocast_disabled, backward_without_autocast, finish, gap_coefficient, hidden_dot, masked_square
 
 
 class VocabParallelLMFFunction(torch.autograd.Function):
@@ -46,6 +46,7 @@ class VocabParallelLMFFunction(torch.autograd.Function):
         return loss, row_max, row_mean, argmax
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_loss, *_):
         hidden, weight, argmax, gap, weight_sum, mask = ctx.saved_tensors
         vocab_start, local_real, vocab_size, group = ctx.config
@@ -81,7 +82,8 @@ def vocab_parallel_lmf_loss(hidden, weight_shard, bias_shard=None, *, process_gr
     ``hidden`` is the same on every rank; ``weight_shard`` holds global rows ``vocab_start .. vocab_start + V_r``
     (default: equal shards in rank order, ``vocab_start = rank * V_r``). ``vocab_size`` is the global real vocabulary
     (default ``world_size * V_r``); rows at or past it are padding. Loss, stats and ``dh`` are identical on every
-    rank; each rank gets the gradient of its own shard. Argmax indices are global.
+    rank; each rank gets the gradient of its own shard. Argmax indices are global. Autocast does not change what is
+    computed, as for :func:`ceu.linear_lmf_loss`.
     """
     world_size, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     shard_rows = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) else 0
@@ -98,7 +100,8 @@ def vocab_parallel_lmf_loss(hidden, weight_shard, bias_shard=None, *, process_gr
     backends.resolve(impl, hidden.device, "lmf")
     lead_shape = hidden.shape[:-1]
     flat_mask = None if mask is None else mask.reshape(-1)
-    loss, row_max, row_mean, argmax = VocabParallelLMFFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, flat_mask, vocab_start, vocab_size,
-        process_group, impl, chunk_size)
-    return finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, return_stats)
+    with autocast_disabled(hidden.device):
+        loss, row_max, row_mean, argmax = VocabParallelLMFFunction.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, flat_mask, vocab_start, vocab_size,
+            process_group, impl, chunk_size)
+        return finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, return_stats)

@@ -1,29 +1,37 @@
-"""torch.compile(fullgraph=True) traces a training step that calls both fused losses, with no graph break."""
+"""torch.compile(fullgraph=True) traces a training step that calls both fused losses, with no graph break, and
+autocast around the compiled step changes nothing (the fused losses disable it inside)."""
 import pytest
 import torch
 
 import ceu
-from helpers import head_inputs, leaf, random_mask
+from helpers import leaf, random_mask
 
 from test_cross_entropy import make_labels
+from test_lmf import small_gap_inputs
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_fullgraph_compile_matches_eager(device):
-    hidden, weight, bias = head_inputs(12, 16, 48, torch.float32, device, bias=True, lead_shape=(2, 6))
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=str)
+def test_fullgraph_compile_matches_eager(device, autocast_dtype):
+    hidden, weight, bias = small_gap_inputs(12, 16, 48, torch.float32, device)
+    hidden = hidden.reshape(2, 6, 16)
     mask = random_mask((2, 6), device)
     labels = make_labels((2, 6), 45, device)
 
     def lagrangian(hidden, weight, bias):
-        forget = ceu.linear_lmf_loss(hidden, weight, bias, mask=mask, vocab_size=45, impl="torch")
+        forget, stats = ceu.linear_lmf_loss(hidden, weight, bias, mask=mask, vocab_size=45, impl="torch",
+                                            return_stats=True)
         retain = ceu.linear_cross_entropy(torch.tanh(hidden), weight, labels, bias, vocab_size=45, impl="torch")
-        return forget + 3.0 * retain
+        return forget + 3.0 * retain, stats.mean
 
+    torch._dynamo.reset()  # a fresh trace under this test's autocast state
     compiled = torch.compile(lagrangian, fullgraph=True)
     results = []
-    for function in (lagrangian, compiled):
+    for function, autocast in ((lagrangian, None), (compiled, autocast_dtype)):  # eager without autocast: expected
         inputs = [leaf(hidden), leaf(weight), leaf(bias)]
-        loss = function(*inputs)
-        results.append([loss, *torch.autograd.grad(loss, inputs)])
+        with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss, mean = function(*inputs)
+            results.append([loss, mean, *torch.autograd.grad(loss, inputs)])
     for expected, got in zip(*results):
+        assert got.dtype == expected.dtype
         torch.testing.assert_close(got, expected)

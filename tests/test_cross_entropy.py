@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import ceu
 from helpers import DTYPES, check_against_reference, device_impls, grads, head_inputs, leaf, skip_unsupported
+from test_lmf import AUTOCAST_DTYPES, assert_autocast_changes_nothing, small_gap_inputs, under_autocast
 
 DEVICE_IMPLS = device_impls()
 SHAPES = {"nice": ((64,), 32, 256, None), "ragged": ((3, 13), 40, 300, 290)}
@@ -126,3 +127,18 @@ def test_int32_labels_and_module():
     expected = ceu.linear_cross_entropy(hidden, weight, labels, bias, reduction="sum")
     torch.testing.assert_close(module(hidden, weight, labels.int(), bias), expected)
     assert "reduction='sum'" in repr(module)
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("autocast_dtype", AUTOCAST_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autocast_changes_nothing(device, impl, autocast_dtype, dtype):
+    """The fused loss computes in its inputs' dtype under autocast, forward and backward, as the LMF loss does."""
+    if reason := skip_unsupported(device, impl, dtype):
+        pytest.skip(reason)
+    tensors = small_gap_inputs(24, 32, 64, dtype, device)
+    labels = make_labels((24,), 60, device)
+    loss_fn = lambda h, w, b: ceu.linear_cross_entropy(h, w, labels, b, impl=impl, vocab_size=60)  # noqa: E731
+    loss, _ = under_autocast(loss_fn, tensors, device, None)
+    assert loss.dtype == torch.float32
+    assert_autocast_changes_nothing(loss_fn, tensors, device, autocast_dtype)

@@ -3,6 +3,7 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 import ceu
 from helpers import (DTYPES, check_against_reference, device_impls, grads, head_inputs, leaf, random_mask,
@@ -247,3 +248,57 @@ def test_half_precision_mean_is_upcast_in_chunks(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     reference = (hidden.double() @ weight.double().T + bias.double()).mean(-1)
     torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def small_gap_inputs(n_tokens, hidden_size, vocab, dtype, device, seed=0):
+    """Logits near 30 within about 0.1 of each other: a mean rounded to bfloat16 (spacing 0.25 there) is off by
+    about the whole gap max - mean, while the max comes from the float32 GEMM."""
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.randn(hidden_size, generator=generator, dtype=torch.float64)
+    weight = common + 0.005 * torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64)
+    hidden = common + 0.1 * torch.randn(n_tokens, hidden_size, generator=generator, dtype=torch.float64)
+    bias = 0.01 * torch.randn(vocab, generator=generator, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (hidden, weight, bias))
+
+
+def under_autocast(loss_fn, tensors, device, autocast_dtype, backward_inside=True):
+    """``loss_fn(*inputs)`` (a loss, or a (loss, stats) pair) and its gradients, the call run under
+    ``torch.autocast(device, autocast_dtype)`` (None: no autocast) and the backward inside or outside that block."""
+    inputs = [leaf(t) for t in tensors]
+    with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        out = loss_fn(*inputs)
+        loss = out[0] if isinstance(out, tuple) else out
+        if backward_inside:
+            return out, torch.autograd.grad(loss, inputs)
+    return out, torch.autograd.grad(loss, inputs)
+
+
+def assert_autocast_changes_nothing(loss_fn, tensors, device, autocast_dtype):
+    """Value, stats (and their dtypes) and every gradient bitwise as without autocast, whether the backward runs
+    inside the autocast block or after it."""
+    expected, expected_grads = under_autocast(loss_fn, tensors, device, None)
+    for backward_inside in (True, False):
+        got, got_grads = under_autocast(loss_fn, tensors, device, autocast_dtype, backward_inside)
+        for name, a, b in zip(("loss", "max", "mean", "argmax"), tree_leaves(got), tree_leaves(expected)):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: {a} != {b} under autocast {autocast_dtype}"
+        for name, a, b in zip(("hidden", "weight", "bias"), got_grads, expected_grads):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"grad {name} differs (backward inside: {backward_inside})"
+
+
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("autocast_dtype", AUTOCAST_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autocast_changes_nothing(device, impl, autocast_dtype, dtype):
+    """The fused loss computes in its inputs' dtype under autocast: a lowered mean would not match the max's GEMM."""
+    if reason := skip_unsupported(device, impl, dtype):
+        pytest.skip(reason)
+    tensors = small_gap_inputs(24, 32, 64, dtype, device)
+    mask = random_mask((24,), device)
+    loss_fn = lambda h, w, b: ceu.linear_lmf_loss(h, w, b, mask=mask, impl=impl, vocab_size=60,  # noqa: E731
+                                                  return_stats=True)
+    (loss, stats), _ = under_autocast(loss_fn, tensors, device, None)
+    assert loss.dtype == stats.max.dtype == stats.mean.dtype == torch.float32
+    assert_autocast_changes_nothing(loss_fn, tensors, device, autocast_dtype)

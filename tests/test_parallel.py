@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 import ceu
 from ceu.parallel import vocab_parallel_lmf_loss
 from helpers import head_inputs, leaf, random_mask
+from test_lmf import small_gap_inputs
 
 WORLD_SIZE, SHARD_ROWS, HIDDEN_SIZE, N_TOKENS = 2, 37, 12, 15
 # name -> (global vocab_size, reduction); 70 pads the last 4 rows, 30 leaves rank 1 only padding.
@@ -42,6 +43,12 @@ def worker(rank, store_path, out_dir):
             loss, stats = vocab_parallel_lmf_loss(*inputs, vocab_size=vocab_size, mask=mask, reduction=reduction,
                                                   impl="torch", chunk_size=4, return_stats=True)
             results[name] = [loss.detach(), stats.argmax, *torch.autograd.grad(loss, inputs, upstream(reduction))]
+        hidden, weight, bias = small_gap_inputs(N_TOKENS, HIDDEN_SIZE, WORLD_SIZE * SHARD_ROWS, torch.float32, "cpu")
+        for autocast in (False, True):
+            inputs = [leaf(hidden), leaf(weight[rows]), leaf(bias[rows])]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, stats = vocab_parallel_lmf_loss(*inputs, vocab_size=70, impl="torch", return_stats=True)
+                results[f"autocast={autocast}"] = [loss.detach(), *stats, *torch.autograd.grad(loss, inputs)]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -70,3 +77,11 @@ def test_matches_unsharded(rank_results, name):
         torch.testing.assert_close(got_hidden, grad_hidden)
         torch.testing.assert_close(got_weight, grad_weight[rows])
         torch.testing.assert_close(got_bias, grad_bias[rows])
+
+
+def test_autocast_changes_nothing(rank_results):
+    """Under bfloat16 autocast, float32 inputs give bitwise the same loss, float32 stats and grads on every rank."""
+    for results in rank_results:
+        for got, expected in zip(results["autocast=True"], results["autocast=False"]):
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+        assert results["autocast=True"][2].dtype == torch.float32  # the mean
