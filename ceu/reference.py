@@ -2,7 +2,9 @@
 
 The LMF ("logit max-flattening") forget loss of one token is ``(max_j z_j - mean_j z_j)**2``: zero exactly when the
 logits are uniform, softmax-free. Ties in the max resolve to the first index, as ``torch.max(dim)`` does, and the
-gradient flows to that index only (autograd through ``torch.max(dim).values`` follows the same rule).
+gradient flows to that index only (autograd through ``torch.max(dim).values`` follows the same rule). Non-finite
+logits follow ``torch.max(dim)`` too: a row holding NaN has max NaN at its first NaN, and +/-inf are ordered as
+numbers (a row of -inf: max -inf at index 0). Every backend's argmax is therefore a real vocabulary index.
 """
 import torch
 

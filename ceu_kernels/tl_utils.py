@@ -121,28 +121,35 @@ def head_logits_tile(hidden, weight, bias, n_tokens, vocab_size, dim, stride_hid
 
 @triton.jit
 def row_max_first_index(values, cols):
-    """Per-row max of a tile and the smallest column index attaining it (``torch.max(dim)``'s tie rule)."""
-    best = tl.max(values, axis=1)
-    first = tl.min(tl.where(values == best[:, None], cols[None, :], 2147483647), axis=1)
-    return best, first
+    """Per-row max of a tile and the column index attaining it, by ``torch.max(dim)``'s rule: a row holding NaN has
+    max NaN at its first NaN; otherwise the largest value (+/-inf ordered as usual) at its smallest column. ``cols``
+    must be increasing along the row, and the index is always one of ``cols`` (never a sentinel)."""
+    is_nan = values != values
+    best = tl.max(tl.where(is_nan, float("-inf"), values), axis=1)  # tl.max's own NaN handling is never relied on
+    first_nan = tl.min(tl.where(is_nan, cols[None, :], 2147483647), axis=1)
+    first_best = tl.min(tl.where(values == best[:, None], cols[None, :], 2147483647), axis=1)
+    has_nan = first_nan != 2147483647
+    return tl.where(has_nan, float("nan"), best), tl.where(has_nan, first_nan, first_best)
 
 
 @triton.jit
 def pack_max_index(value, index):
     """A signed 64-bit word whose order is (value, then lower index): ``atomic_max`` on it is an exact argmax.
 
-    High 32 bits: the float32 bits remapped so signed-integer order is float order (-0.0 folded into +0.0);
-    low 32 bits: ``2**32 - 1 - index``, so a tie keeps the smallest index.
+    High 32 bits: the float32 bits remapped so signed-integer order is float order (-0.0 folded into +0.0), and any
+    NaN (whatever its sign bit) mapped to the quiet NaN ``0x7FC00000``, above +inf, as ``torch.max`` ranks NaN;
+    low 32 bits: ``2**32 - 1 - index``, so a tie (NaN ties included) keeps the smallest index.
     """
     value = value.to(tl.float32)
     value = tl.where(value == 0.0, 0.0, value)
     bits = value.to(tl.int32, bitcast=True)
     key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(value != value, 0x7FC00000, key)
     return (key.to(tl.int64) << 32) | (4294967295 - index.to(tl.int64))
 
 
 def unpack_max_index(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`pack_max_index` on the host side: float32 max and int64 index."""
+    """Inverse of :func:`pack_max_index` on the host side: float32 max (NaN for the NaN key) and int64 index."""
     key = (packed >> 32).to(torch.int32)
     value = torch.where(key >= 0, key, key ^ 0x7FFFFFFF).view(torch.float32)
     return value, 4294967295 - (packed & 4294967295)

@@ -87,3 +87,111 @@ def test_non_finite_input_propagates_to_the_loss(device, impl, poison):
     assert torch.isfinite(ceu.linear_lmf_loss(hidden, weight, mask=mask, impl=impl))
     weight[11, 0] = poison
     assert not torch.isfinite(ceu.linear_lmf_loss(hidden, weight, mask=mask, impl=impl))
+
+
+# ---- NaN / inf rows: max and argmax follow torch.max(dim), and no index ever leaves the real vocabulary ----------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def special_head(dtype, vocab_size=70, padded=80, hidden_size=4, seed=3):
+    """A head whose logits rows hold NaN and +/-inf where they test the rule: column 1 of the weight is 1 except 0 at
+    rows 37 and 50 (so an inf in hidden column 1 gives inf everywhere and NaN there, the first NaN in a later tile
+    than the first inf), column 2 is 1 (inf there: a row of one infinity), column 3 is -1 except +1 at rows 20 and 45
+    (a +inf there ties at 20 and 45). The padded rows are NaN: they must never count."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(padded, hidden_size, generator=generator, dtype=torch.float64)
+    weight[:, 1], weight[[37, 50], 1] = 1.0, 0.0
+    weight[:, 2] = 1.0
+    weight[:, 3], weight[[20, 45], 3] = -1.0, 1.0
+    weight[vocab_size:] = NAN
+    hidden = torch.zeros(10, hidden_size, dtype=torch.float64)
+    hidden[:, 0] = torch.randn(10, generator=generator, dtype=torch.float64)
+    hidden[0, 1], hidden[1, 1] = INF, -INF  # inf / -inf everywhere, NaN at 37 and 50
+    hidden[2, 2], hidden[3, 2] = INF, -INF  # all +inf / all -inf: index 0
+    hidden[4, 3], hidden[5, 3] = INF, -INF  # +inf at 20 and 45 only / -inf at 20 and 45 only
+    hidden[6, 0] = NAN  # all NaN
+    return hidden.to(dtype), weight.to(dtype), vocab_size
+
+
+def torch_max_on_float64(hidden, weight, bias, vocab_size):
+    """``torch.max(dim)`` of the float64 logits on the CPU, where the rule was read off: (values, indices) on the
+    inputs' device."""
+    logits = hidden.cpu().double() @ weight[:vocab_size].cpu().double().T
+    if bias is not None:
+        logits = logits + bias[:vocab_size].cpu().double()
+    values, indices = torch.max(logits, dim=-1)
+    return values.to(hidden.device), indices.to(hidden.device)
+
+
+NON_FINITE_WARNINGS = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+"""The Triton interpreter's numpy warns on ``0 * inf`` and ``inf - inf``: those are the inputs under test."""
+
+
+@NON_FINITE_WARNINGS
+@pytest.mark.skipif(not any(impl == "triton" for _, impl in DEVICE_IMPLS), reason="Triton is not available")
+@pytest.mark.parametrize("combine,dtype", [("packed", torch.float32), ("partials", torch.float32),
+                                           ("partials", torch.float64)], ids=str)
+@pytest.mark.parametrize("nan_weight_row", [False, True], ids=["finite_weight", "nan_weight_row_58"])
+def test_lmf_row_stats_nan_and_inf_rows(combine, dtype, nan_weight_row):
+    """The Triton forward in both combine modes, several vocab tiles: a NaN row gives NaN at its first NaN even when
+    +inf is in an earlier tile (the packed key of NaN is above +inf's), a row of -inf gives index 0, ties of +inf
+    the lower index, the NaN padded rows never count, and every argmax is a real row."""
+    from ceu_kernels.lmf_forward import lmf_row_stats
+
+    device = [d for d, impl in DEVICE_IMPLS if impl == "triton"][-1]
+    hidden, weight, vocab_size = special_head(dtype)
+    if nan_weight_row:  # a NaN logit at 58 in every row: the finite rows' argmax moves to a later tile
+        weight[58, 0] = NAN
+    hidden, weight = hidden.to(device), weight.to(device)
+    row_max, argmax = lmf_row_stats(hidden, weight, None, vocab_size, blocks=(16, 16, 16), combine=combine)
+    expected = torch_max_on_float64(hidden, weight, None, vocab_size)
+    assert ((argmax >= 0) & (argmax < vocab_size)).all()
+    assert torch.equal(argmax, expected[1])
+    torch.testing.assert_close(row_max, expected[0].to(row_max.dtype), equal_nan=True)
+    assert expected[1][:7].tolist() == ([37, 37, 58, 58, 58, 58, 0] if nan_weight_row else [37, 37, 0, 0, 20, 0, 0])
+
+
+@NON_FINITE_WARNINGS
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+@pytest.mark.parametrize("poison", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("counted", [True, False], ids=["counted", "masked"])
+@pytest.mark.parametrize("dtype,with_bias", [(torch.float32, False), (torch.float64, True)], ids=["fp32", "fp64_bias"])
+def test_non_finite_token_stats_and_gradients(device, impl, poison, counted, dtype, with_bias):
+    """A NaN/inf hidden state, counted or masked, through forward and backward (padded vocabulary whose rows are
+    NaN): nothing crashes, the argmax is torch.max's on the float64 logits and a real row, a counted NaN makes the
+    loss NaN, a masked one leaves it finite and equal to the reference, the other tokens' dh are finite and equal the
+    reference's, and the padded rows of dW and db stay exactly zero (no index reached them)."""
+    vocab_size, n_tokens, poisoned = 20, 5, 2
+    hidden, weight, bias = head_inputs(n_tokens, 8, vocab_size, dtype, device, bias=with_bias, seed=11)
+    hidden[poisoned, 3] = poison
+    weight = torch.cat([weight, torch.full_like(weight[:4], NAN)])
+    bias = None if bias is None else torch.cat([bias, torch.full_like(bias[:4], NAN)])
+    mask = torch.ones(n_tokens, dtype=torch.bool, device=device)
+    mask[4] = False
+    mask[poisoned] = counted
+    inputs = [leaf(hidden), leaf(weight), leaf(bias)]
+    loss, stats = ceu.linear_lmf_loss(*inputs, mask=mask, impl=impl, vocab_size=vocab_size, return_stats=True)
+    grad_hidden, grad_weight, grad_bias = grads(loss, inputs, torch.ones_like(loss))
+
+    expected = torch_max_on_float64(hidden, weight, bias, vocab_size)
+    assert ((stats.argmax >= 0) & (stats.argmax < vocab_size)).all()
+    assert torch.equal(stats.argmax, expected[1])
+    torch.testing.assert_close(stats.max, expected[0].to(stats.max.dtype), equal_nan=True)
+
+    real = [leaf(hidden, torch.float64), leaf(weight[:vocab_size], torch.float64),
+            leaf(None if bias is None else bias[:vocab_size], torch.float64)]
+    logits = real[0] @ real[1].T + (0 if bias is None else real[2])
+    reference = ceu.lmf_loss(logits, mask=mask)
+    reference_hidden = grads(reference, real, torch.ones_like(reference))[0]
+    if counted:
+        assert loss.isnan() if poison != poison else not loss.isfinite()
+    else:
+        assert loss.isfinite()
+        torch.testing.assert_close(loss, reference.to(loss.dtype))
+    others = [i for i in range(n_tokens) if i != poisoned]
+    assert grad_hidden[others].isfinite().all()
+    torch.testing.assert_close(grad_hidden[others], reference_hidden[others].to(dtype))
+    assert (grad_weight[vocab_size:] == 0).all()
+    if with_bias:
+        assert (grad_bias[vocab_size:] == 0).all()
