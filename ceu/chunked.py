@@ -53,33 +53,40 @@ def lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hi
 
     ``dlogits = coef * (onehot(argmax) - 1/V)``, hence ``dh = coef * (W[a] - w_mean)``,
     ``dW = scatter_add(rows a, coef * h) - (1/V) 1 (x) sum(coef * h)`` and ``db`` alike; padded rows get zero.
+    An argmax outside ``[0, vocab_size)`` (the forward never produces one) is never dereferenced: that token's dh row
+    is NaN and it adds nothing to any row of dW/db beyond the rank-1 value.
     """
     acc = coef.dtype
+    picked = (argmax >= 0) & (argmax < vocab_size)
     grad_hidden = grad_weight = grad_bias = None
     if needs_hidden:
-        grad_hidden = (coef[:, None] * (weight.index_select(0, argmax).to(acc) - weight_mean)).to(hidden.dtype)
+        rows = torch.where(picked, argmax, 0)
+        scale = torch.where(picked, coef, float("nan"))
+        grad_hidden = (scale[:, None] * (weight.index_select(0, rows).to(acc) - weight_mean)).to(hidden.dtype)
+    rows = torch.where(picked, argmax, weight.shape[0])  # one past the last row: a scratch row, dropped
     if needs_weight:
         scaled_hidden = coef[:, None] * hidden.to(acc)
-        grad_weight = _rank_one_plus_scatter(argmax, scaled_hidden, scaled_hidden.sum(0) / -vocab_size,
+        grad_weight = _rank_one_plus_scatter(rows, scaled_hidden, scaled_hidden.sum(0) / -vocab_size,
                                              weight.shape[0], vocab_size, weight.dtype)
     if needs_bias:
-        grad_bias = _rank_one_plus_scatter(argmax, coef, coef.sum() / -vocab_size, weight.shape[0], vocab_size,
+        grad_bias = _rank_one_plus_scatter(rows, coef, coef.sum() / -vocab_size, weight.shape[0], vocab_size,
                                            weight.dtype)
     return grad_hidden, grad_weight, grad_bias
 
 
 def _rank_one_plus_scatter(rows, values, rank_one, n_rows, vocab_size, dtype):
-    """``rank_one`` on every real row plus the sum of ``values`` scattered by ``rows``, written once in ``dtype``.
+    """``rank_one`` on every real row plus the sum of ``values`` scattered by ``rows``, written once in ``dtype``;
+    ``rows == n_rows`` marks a value to drop.
 
     Only the touched rows (at most one per token) are summed in ``values``' precision, so a half-precision dW needs
-    no float32 ``[V, H]`` accumulator: the output is the only ``[V, H]`` tensor.
+    no float32 ``[V, H]`` accumulator: the output is the only ``[V, H]`` tensor (plus the scratch row).
     """
     touched, slot = torch.unique(rows, return_inverse=True)
     sums = values.new_zeros((touched.shape[0], *values.shape[1:])).index_add_(0, slot, values)
-    out = torch.zeros((n_rows, *values.shape[1:]), dtype=dtype, device=values.device)
+    out = torch.zeros((n_rows + 1, *values.shape[1:]), dtype=dtype, device=values.device)
     out[:vocab_size] = rank_one.to(dtype)
     out[touched] = (sums + rank_one).to(dtype)
-    return out
+    return out[:n_rows]
 
 
 def _ce_buffers(hidden, vocab_size, chunk_size):

@@ -13,6 +13,9 @@ dW and db take one of two paths, chosen for memory first:
 * atomic: for float32/float64 weights otherwise, where the accumulator is the output itself. Every real row gets the
   rank-1 value, then each token ``atomic_add``-s ``coef * h`` into its argmax row; the summation order within a row
   varies from run to run.
+
+An argmax outside ``[0, vocab_size)`` (the forward never produces one) is never dereferenced: that token's dh row is
+NaN, so the fault shows, and it adds nothing to any row of dW/db beyond the rank-1 value.
 """
 import torch
 import triton
@@ -25,9 +28,10 @@ DEFAULT_BLOCKS = (32, 64, 64)
 
 
 @triton.jit
-def _grad_hidden_kernel(coef, argmax, weight, weight_mean, grad_hidden, n_tokens, dim, stride_weight,
+def _grad_hidden_kernel(coef, argmax, weight, weight_mean, grad_hidden, n_tokens, vocab_size, dim, stride_weight,
                         stride_grad, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``grad_hidden[i] = coef[i] * (weight[argmax[i]] - weight_mean)`` for one (token tile, hidden tile)."""
+    """``grad_hidden[i] = coef[i] * (weight[argmax[i]] - weight_mean)`` for one (token tile, hidden tile); NaN where
+    ``argmax[i]`` is outside ``[0, vocab_size)``, whose row is not read."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < n_tokens
@@ -35,9 +39,12 @@ def _grad_hidden_kernel(coef, argmax, weight, weight_mean, grad_hidden, n_tokens
     tile_ok = row_ok[:, None] & k_ok[None, :]
     c = tl.load(coef + rows, mask=row_ok, other=0.0)
     target = tl.load(argmax + rows, mask=row_ok, other=0)
-    w = tl.load(weight + offsets64(target, stride_weight)[:, None] + ks[None, :], mask=tile_ok, other=0.0)
+    picked = (target >= 0) & (target < vocab_size)
+    target = tl.where(picked, target, 0)
+    w = tl.load(weight + offsets64(target, stride_weight)[:, None] + ks[None, :], mask=tile_ok & picked[:, None],
+                other=0.0)
     mean = tl.load(weight_mean + ks, mask=k_ok, other=0.0)
-    grad = c[:, None] * (w.to(ACC) - mean[None, :])
+    grad = tl.where(picked[:, None], c[:, None] * (w.to(ACC) - mean[None, :]), float("nan"))
     tl.store(grad_hidden + offsets64(rows, stride_grad)[:, None] + ks[None, :],
              grad.to(grad_hidden.dtype.element_ty), mask=tile_ok)
 
@@ -117,10 +124,11 @@ def _write_once_kernel(order, argmax_sorted, segment_start, coef, hidden, weight
                             mask=slot_ok[:, None] & k_ok[None, :], other=0.0)
                 total += tl.sum(c[:, None] * h.to(ACC), axis=0)
             total_c += c
+        hit = (rows == row) & real  # a padded row is never an argmax: its tokens are dropped
         if WRITE_WEIGHT:
-            grad = tl.where((rows == row)[:, None], grad + total[None, :], grad)
+            grad = tl.where(hit[:, None], grad + total[None, :], grad)
         if WRITE_BIAS:
-            grad_b = tl.where(rows == row, grad_b + tl.sum(total_c, axis=0), grad_b)
+            grad_b = tl.where(hit, grad_b + tl.sum(total_c, axis=0), grad_b)
         slot = stop
     row_ok = rows < n_rows
     if WRITE_WEIGHT:
@@ -132,15 +140,17 @@ def _write_once_kernel(order, argmax_sorted, segment_start, coef, hidden, weight
 
 
 @triton.jit
-def _scatter_kernel(coef, argmax, hidden, grad_weight, grad_bias, n_tokens, dim, stride_hidden, stride_grad,
-                    WRITE_WEIGHT: tl.constexpr, WRITE_BIAS: tl.constexpr, ACC: tl.constexpr,
+def _scatter_kernel(coef, argmax, hidden, grad_weight, grad_bias, n_tokens, vocab_size, dim, stride_hidden,
+                    stride_grad, WRITE_WEIGHT: tl.constexpr, WRITE_BIAS: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``grad_weight[argmax[i]] += coef[i] * hidden[i]`` (and ``grad_bias[argmax[i]] += coef[i]``) by atomics."""
+    """``grad_weight[argmax[i]] += coef[i] * hidden[i]`` (and ``grad_bias[argmax[i]] += coef[i]``) by atomics,
+    skipping tokens whose argmax is outside ``[0, vocab_size)``."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_tokens
     c = tl.load(coef + rows, mask=row_ok, other=0.0)
-    live = row_ok & (c != 0.0)
-    target = tl.load(argmax + rows, mask=live, other=0)
+    target = tl.load(argmax + rows, mask=row_ok, other=0)
+    live = row_ok & (c != 0.0) & (target >= 0) & (target < vocab_size)
+    target = tl.where(live, target, 0)
     if WRITE_WEIGHT:
         ks = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         tile_ok = live[:, None] & (ks < dim)[None, :]
@@ -180,8 +190,8 @@ def lmf_gradients(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_h
             grad_hidden = torch.empty_like(hidden)
             if n_tokens:
                 _grad_hidden_kernel[(n_token_tiles, n_hidden_tiles)](
-                    coef, argmax, weight, weight_mean.to(acc_dtype), grad_hidden, n_tokens, dim, weight.stride(0),
-                    grad_hidden.stride(0), ACC=acc_tl, BLOCK_M=block_m, BLOCK_H=block_h)
+                    coef, argmax, weight, weight_mean.to(acc_dtype), grad_hidden, n_tokens, vocab_size, dim,
+                    weight.stride(0), grad_hidden.stride(0), ACC=acc_tl, BLOCK_M=block_m, BLOCK_H=block_h)
         if not (needs_weight or needs_bias):
             return grad_hidden, None, None
 
@@ -205,9 +215,10 @@ def lmf_gradients(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_h
                                        BLOCK_V=block_v, **flags)
             if n_tokens:
                 _scatter_kernel[(n_token_tiles, row_grid[1])](
-                    coef, argmax, hidden, weight_out, bias_out, n_tokens, dim, hidden.stride(0), dim,
+                    coef, argmax, hidden, weight_out, bias_out, n_tokens, vocab_size, dim, hidden.stride(0), dim,
                     BLOCK_M=block_m, **flags)
         else:
+            # Segments cover rows [0, n_rows) only: a token whose argmax lies outside is never visited.
             argmax_sorted, order = torch.sort(argmax, stable=True)
             segment_start = torch.searchsorted(argmax_sorted, torch.arange(n_rows + 1, device=argmax.device))
             _write_once_kernel[row_grid](

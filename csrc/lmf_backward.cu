@@ -3,6 +3,11 @@
 // dW is written once in the weight's dtype. Its fp32 (fp64) accumulator holds only the rows some token picked: the
 // caller maps each picked vocabulary row to a compact slot, so the scatter touches [picked rows, H] instead of [V, H],
 // and the final pass adds the rank-1 term -column_sum / V to every real row while casting.
+//
+// No kernel dereferences an index it has not checked: an argmax outside [0, weight rows) (the forward never produces
+// one) gives its token a NaN dh row and no scatter (its rank-1 share stays), a slot outside [0, acc rows) is skipped
+// and padded rows get no scatter, so a corrupt index can never become an illegal memory access that kills the CUDA
+// context. (These kernels do not know vocab_size: an argmax on a padded row still reads that row for dh.)
 #include "common.cuh"
 #include "ops.h"
 
@@ -12,6 +17,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <initializer_list>
+#include <limits>
 #include <type_traits>
 
 namespace ceu {
@@ -60,12 +66,20 @@ template <typename scalar_t, int kVec>
 __global__ void lmf_grad_hidden_kernel(const at::opmath_type<scalar_t>* __restrict__ coef,
                                        const int64_t* __restrict__ argmax, const scalar_t* __restrict__ weight,
                                        const at::opmath_type<scalar_t>* __restrict__ weight_mean,
-                                       scalar_t* __restrict__ grad_hidden, int64_t hidden_size) {
+                                       scalar_t* __restrict__ grad_hidden, int64_t n_rows, int64_t hidden_size) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t token = blockIdx.x;
   const acc_t scale = coef[token];
-  const scalar_t* picked = weight + argmax[token] * hidden_size;
+  const int64_t index = argmax[token];
   scalar_t* out = grad_hidden + token * hidden_size;
+  if (index < 0 || index >= n_rows) {  // block-uniform: the whole row is NaN, the weight is not read
+    const auto nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+    for (int64_t k = threadIdx.x; k < hidden_size; k += blockDim.x) {
+      out[k] = nan;
+    }
+    return;
+  }
+  const scalar_t* picked = weight + index * hidden_size;
   for (int64_t k = int64_t{threadIdx.x} * kVec; k < hidden_size; k += int64_t{blockDim.x} * kVec) {
     scalar_t values[kVec];
     load<kVec>(picked + k, values);
@@ -82,8 +96,8 @@ __global__ void lmf_grad_hidden_kernel(const at::opmath_type<scalar_t>* __restri
 template <typename scalar_t, int kVec>
 __global__ void lmf_scatter_kernel(const at::opmath_type<scalar_t>* __restrict__ coef,
                                    const int64_t* __restrict__ argmax, const int64_t* __restrict__ slot,
-                                   const scalar_t* __restrict__ hidden, int64_t n_tokens, int64_t hidden_size,
-                                   at::opmath_type<scalar_t>* __restrict__ acc,
+                                   int64_t n_rows, const scalar_t* __restrict__ hidden, int64_t n_tokens,
+                                   int64_t hidden_size, at::opmath_type<scalar_t>* __restrict__ acc, int64_t acc_rows,
                                    at::opmath_type<scalar_t>* __restrict__ column_sum) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = (int64_t{blockIdx.y} * blockDim.x + threadIdx.x) * kVec;
@@ -100,11 +114,15 @@ __global__ void lmf_scatter_kernel(const at::opmath_type<scalar_t>* __restrict__
     }
     scalar_t values[kVec];
     load<kVec>(hidden + token * hidden_size + k, values);
-    acc_t* target = acc + slot[argmax[token]] * hidden_size + k;
+    const int64_t index = argmax[token];
+    const int64_t row_slot = index >= 0 && index < n_rows ? slot[index] : -1;
+    acc_t* target = row_slot >= 0 && row_slot < acc_rows ? acc + row_slot * hidden_size + k : nullptr;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const acc_t contribution = scale * static_cast<acc_t>(values[e]);
-      atomicAdd(target + e, contribution);
+      if (target != nullptr) {
+        atomicAdd(target + e, contribution);
+      }
       partial[e] += contribution;
     }
   }
@@ -115,7 +133,7 @@ __global__ void lmf_scatter_kernel(const at::opmath_type<scalar_t>* __restrict__
 }
 
 template <typename scalar_t, int kVec>
-__global__ void lmf_grad_weight_kernel(const at::opmath_type<scalar_t>* __restrict__ acc,
+__global__ void lmf_grad_weight_kernel(const at::opmath_type<scalar_t>* __restrict__ acc, int64_t acc_rows,
                                        const int64_t* __restrict__ slot,
                                        const at::opmath_type<scalar_t>* __restrict__ column_sum, int64_t vocab_size,
                                        int64_t hidden_size, scalar_t* __restrict__ grad_weight) {
@@ -129,7 +147,7 @@ __global__ void lmf_grad_weight_kernel(const at::opmath_type<scalar_t>* __restri
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       acc_t value = real ? -column_sum[k + e] / static_cast<acc_t>(vocab_size) : acc_t(0);
-      if (picked >= 0) {
+      if (real && picked >= 0 && picked < acc_rows) {  // a padded row is never an argmax: it stays 0
         value += acc[picked * hidden_size + k + e];
       }
       values[e] = static_cast<scalar_t>(value);
@@ -171,7 +189,8 @@ void lmf_grad_hidden(const at::Tensor& coef, const at::Tensor& argmax, const at:
     const auto launch = [&](auto vec) {
       lmf_grad_hidden_kernel<scalar_t, decltype(vec)::value><<<grid_for_rows(n_tokens), kThreads, 0, stream>>>(
           coef.const_data_ptr<acc_t>(), argmax.const_data_ptr<int64_t>(), weight.const_data_ptr<scalar_t>(),
-          weight_mean.const_data_ptr<acc_t>(), grad_hidden.mutable_data_ptr<scalar_t>(), hidden_size);
+          weight_mean.const_data_ptr<acc_t>(), grad_hidden.mutable_data_ptr<scalar_t>(), weight.size(0),
+          hidden_size);
     };
     if (pack_width<scalar_t>(hidden_size, {weight.const_data_ptr(), grad_hidden.const_data_ptr()}) > 1) {
       launch(std::integral_constant<int, Pack<scalar_t>::kSize>{});
@@ -207,8 +226,9 @@ void lmf_scatter(const at::Tensor& coef, const at::Tensor& argmax, const at::Ten
                       static_cast<unsigned>((hidden_size + kThreads * kVec - 1) / (kThreads * kVec)));
       lmf_scatter_kernel<scalar_t, kVec><<<grid, kThreads, 0, stream>>>(
           coef.const_data_ptr<at::opmath_type<scalar_t>>(), argmax.const_data_ptr<int64_t>(),
-          slot.const_data_ptr<int64_t>(), hidden.const_data_ptr<scalar_t>(), n_tokens, hidden_size,
-          acc.mutable_data_ptr<at::opmath_type<scalar_t>>(), column_sum.mutable_data_ptr<at::opmath_type<scalar_t>>());
+          slot.const_data_ptr<int64_t>(), slot.numel(), hidden.const_data_ptr<scalar_t>(), n_tokens, hidden_size,
+          acc.mutable_data_ptr<at::opmath_type<scalar_t>>(), acc.size(0),
+          column_sum.mutable_data_ptr<at::opmath_type<scalar_t>>());
     };
     if (pack_width<scalar_t>(hidden_size, {hidden.const_data_ptr()}) > 1) {
       launch(std::integral_constant<int, Pack<scalar_t>::kSize>{});
@@ -239,8 +259,8 @@ void lmf_grad_weight(const at::Tensor& acc, const at::Tensor& slot, const at::Te
     using acc_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto vec) {
       lmf_grad_weight_kernel<scalar_t, decltype(vec)::value><<<grid_for_rows(rows), kThreads, 0, stream>>>(
-          acc.const_data_ptr<acc_t>(), slot.const_data_ptr<int64_t>(), column_sum.const_data_ptr<acc_t>(),
-          vocab_size, hidden_size, grad_weight.mutable_data_ptr<scalar_t>());
+          acc.const_data_ptr<acc_t>(), acc.size(0), slot.const_data_ptr<int64_t>(),
+          column_sum.const_data_ptr<acc_t>(), vocab_size, hidden_size, grad_weight.mutable_data_ptr<scalar_t>());
     };
     if (pack_width<scalar_t>(hidden_size, {grad_weight.const_data_ptr()}) > 1) {
       launch(std::integral_constant<int, Pack<scalar_t>::kSize>{});

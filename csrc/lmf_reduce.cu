@@ -42,6 +42,8 @@ __global__ void lmf_reduce_kernel(const scalar_t* __restrict__ logits, int64_t r
                                   at::opmath_type<scalar_t>* __restrict__ row_sum) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x;
+  // The empty state loses to every column, a -inf one included (by its lower index), so with cols >= 1 the index
+  // written is always a column in [0, cols): 0 for an all -inf row, the first NaN for a row holding NaN.
   MaxArgSum<acc_t> state{-std::numeric_limits<acc_t>::infinity(), std::numeric_limits<int64_t>::max(), 0};
   for_each_in_row(logits + row * row_stride, cols, [&](int64_t j, const scalar_t& x) {
     const acc_t value = static_cast<acc_t>(x);

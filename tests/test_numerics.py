@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ceu
+from ceu import backends
 from helpers import device_impls, grads, head_inputs, leaf
 
 DEVICE_IMPLS = device_impls()
@@ -195,3 +196,35 @@ def test_non_finite_token_stats_and_gradients(device, impl, poison, counted, dty
     assert (grad_weight[vocab_size:] == 0).all()
     if with_bias:
         assert (grad_bias[vocab_size:] == 0).all()
+
+
+@pytest.mark.parametrize("device,impl", [(d, i) for d, i in DEVICE_IMPLS if i != "cuda"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "write_once"])
+def test_lmf_backward_never_dereferences_a_bad_argmax(device, impl, deterministic):
+    """Defence in depth: an argmax outside [0, vocab_size) (-1, a padded row, past the weight, huge) handed to the
+    backward is never read or written through: its token's dh is NaN, the others' are exact, and dW/db are the rank-1
+    value plus the valid tokens' scatter, zero on padded rows. (Not the CUDA backend: its Python side indexes with
+    the argmax before the kernels, which check it, run.)"""
+    if impl == "torch" and deterministic:
+        pytest.skip("the chunked backward has one path")
+    vocab_size, n_rows, n_tokens = 12, 16, 7
+    hidden, weight, _ = head_inputs(n_tokens, 8, n_rows, torch.float32, device, seed=5)
+    argmax = torch.tensor([3, -1, 12, 16, 2**40, 3, 11], device=device)
+    valid = (argmax >= 0) & (argmax < vocab_size)
+    coef = torch.linspace(-1.0, 1.5, n_tokens, device=device)
+    weight_mean = weight[:vocab_size].mean(0)
+    backend = backends.resolve(impl, torch.device(device))
+    options = {"deterministic": deterministic} if impl == "triton" else {}
+    grad_hidden, grad_weight, grad_bias = backend.lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size,
+                                                               True, True, True, **options)
+    rows = torch.where(valid, argmax, 0)
+    assert grad_hidden[~valid].isnan().all()
+    torch.testing.assert_close(grad_hidden[valid], (coef[:, None] * (weight[rows] - weight_mean))[valid])
+    expected_weight = torch.zeros_like(weight)
+    expected_weight[:vocab_size] = (coef[:, None] * hidden).sum(0) / -vocab_size
+    expected_weight.index_add_(0, rows[valid], (coef[:, None] * hidden)[valid])
+    expected_bias = torch.zeros(n_rows, device=device)
+    expected_bias[:vocab_size] = coef.sum() / -vocab_size
+    expected_bias.index_add_(0, rows[valid], coef[valid])
+    torch.testing.assert_close(grad_weight, expected_weight)
+    torch.testing.assert_close(grad_bias, expected_bias)
