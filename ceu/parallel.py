@@ -2,9 +2,10 @@
 
 Forward: the local GEMM gives a shard max/argmax; two all-reduces of ``[tokens]`` vectors give the global max (MAX)
 and its first global index (MIN over the ranks that hold the max), which is exact in every dtype and keeps the
-first-index tie rule across shards; a third sums the partial row sums for the mean. Backward: only the rank owning
-the argmax row scatters ``c h`` into its shard of dW; ``dh`` is assembled with one all-reduce, so ``hidden`` must not
-also pass through a "copy to tensor-parallel region" op that all-reduces its gradient.
+first-index tie rule and ``torch.max``'s NaN rule across shards; a third sums the partial row sums for the mean.
+Backward: only the rank owning the argmax row scatters ``c h`` into its shard of dW; ``dh`` is assembled with one
+all-reduce, so ``hidden`` must not also pass through a "copy to tensor-parallel region" op that all-reduces its
+gradient.
 """
 import torch
 import torch.distributed as dist
@@ -12,6 +13,27 @@ import torch.distributed as dist
 from . import backends, checks, ops
 from .chunked import stat_dtype
 from .lmf import autocast_disabled, backward_without_autocast, finish, gap_coefficient, hidden_dot, masked_square
+
+
+def global_max_argmax(local_max, local_argmax, holds_real, vocab_start, vocab_size, group):
+    """The global (max, first argmax) from each shard's, by ``torch.max``'s rule, in two all-reduces.
+
+    NaN never enters a collective (how a MAX treats NaN is the collective backend's choice): a shard whose max is NaN
+    offers +inf to the MAX and its first NaN's global index to the MIN, where the other candidates are offset by
+    ``vocab_size``, so a NaN on any shard wins at the first NaN index. A shard of padding rows only is never a
+    candidate.
+    """
+    is_nan = local_max.isnan()
+    row_max = torch.where(is_nan, float("inf"), local_max)
+    dist.all_reduce(row_max, dist.ReduceOp.MAX, group=group)
+    index = local_argmax + vocab_start
+    none = torch.iinfo(torch.int64).max
+    candidate = torch.where(is_nan, index, torch.where(local_max == row_max, index + vocab_size, none))
+    if not holds_real:
+        candidate.fill_(none)
+    dist.all_reduce(candidate, dist.ReduceOp.MIN, group=group)
+    nan_won = candidate < vocab_size
+    return torch.where(nan_won, float("nan"), row_max), torch.where(nan_won, candidate, candidate - vocab_size)
 
 
 class VocabParallelLMFFunction(torch.autograd.Function):
@@ -26,10 +48,7 @@ class VocabParallelLMFFunction(torch.autograd.Function):
         else:  # a shard made only of padding rows never holds the max
             local_max = hidden.new_full((hidden.shape[0],), float("-inf"), dtype=acc)
             local_argmax = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
-        row_max = local_max.clone()
-        dist.all_reduce(row_max, dist.ReduceOp.MAX, group=group)
-        argmax = torch.where(local_max == row_max, local_argmax + vocab_start, torch.iinfo(torch.int64).max)
-        dist.all_reduce(argmax, dist.ReduceOp.MIN, group=group)
+        row_max, argmax = global_max_argmax(local_max, local_argmax, local_real > 0, vocab_start, vocab_size, group)
 
         weight_sum = weight[:local_real].sum(0, dtype=acc)
         row_sum = hidden_dot(hidden, weight_sum)
