@@ -15,17 +15,16 @@ runs, the default the full sweep (``make compile-check``).
 import argparse
 import contextlib
 import itertools
+import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("compile_check: unset TRITON_INTERPRET; the interpreter replaces the kernels this check compiles")
 
 import torch
 import triton
@@ -92,7 +91,7 @@ def _launch_paths(full: bool):
     gradient_sets = [(True, True, False), (True, False, False), (False, True, False), (True, True, True)]
     gradient_sets = gradient_sets if full else gradient_sets[:1]
     for precision, bias in itertools.product(PRECISIONS, biases):
-        combines = (None, "packed", "partials") if full else (None,)
+        combines = (None, "packed", "partials") if full and precision != "fp64" else (None,)
         for combine in combines:
             yield (f"lmf_row_stats bias={bias} combine={combine}", precision,
                    lambda t, bias=bias, combine=combine: lmf_row_stats(t.hidden, t.weight, t.bias(bias), VOCAB_SIZE,
@@ -152,11 +151,14 @@ def _captured(sink: list, path: str, target: Target):
         yield
 
 
-def capture(target: Target, full: bool) -> list[tuple[str, Launch]]:
-    """Every launch of every launch path, as ``(precision, launch)``."""
-    launches = []
+def capture(target: Target, full: bool, only: str = "") -> tuple[list[tuple[str, Launch]], list[dict]]:
+    """Every launch of every launch path whose name contains ``only``, as ``(precision, launch)``, and a failing row
+    for each launch path whose launcher raised (as when no autotune config fits the target)."""
+    launches, errors = [], []
     inputs = {}
     for path, precision, call in _launch_paths(full):
+        if only not in path:
+            continue
         dtype, matmul_precision = PRECISIONS[precision]
         if dtype not in inputs:
             inputs[dtype] = _Inputs(dtype)
@@ -166,10 +168,13 @@ def capture(target: Target, full: bool) -> list[tuple[str, Launch]]:
         try:
             with _captured(found, path, target):
                 call(inputs[dtype])
+        except Exception as error:  # the launcher's own refusal is a finding of this check
+            errors.append(dict(target=target.name, kernel="(launcher)", path=path, precision=precision, config="",
+                               error=f"{type(error).__name__}: {error}"))
         finally:
             torch.set_float32_matmul_precision(previous)
         launches += [(precision, launch) for launch in found]
-    return launches
+    return launches, errors
 
 
 class _CompileOnlyDriver:
@@ -201,13 +206,11 @@ def dot_lowering(kernel) -> str:
 def resource_usage(kernel) -> tuple[int, int]:
     """(registers per thread, stack bytes per thread) from the cubin; in these kernels the stack holds only spills."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"ceu-{kernel.hash}.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    try:
-        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True,
                                check=True).stdout
-    finally:
-        cubin.unlink(missing_ok=True)
     fields = dict(item.split(":", 1) for item in usage.split() if item.startswith(("REG:", "STACK:")))
     return int(fields["REG"]), int(fields["STACK"])
 
@@ -258,17 +261,19 @@ def failures(row: dict) -> list[str]:
     return found
 
 
-def run(targets, full: bool, workers: int) -> list[dict]:
-    """Capture and compile every launch for every target; rows in a stable order."""
+def run(targets, full: bool, workers: int, only: str = "") -> list[dict]:
+    """Capture and compile every launch for every target; rows in a stable order, launcher errors first."""
     _JOBS.clear()
+    rows = []
     for target in targets:
-        for precision, launch in capture(target, full):
+        launches, errors = capture(target, full, only)
+        rows += errors
+        for precision, launch in launches:
             _JOBS.extend((target, precision, launch, config) for config in launch.configs)
     if workers <= 1:
-        return [_compile_job(i) for i in range(len(_JOBS))]
-    context = __import__("multiprocessing").get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(_compile_job, range(len(_JOBS)), chunksize=1))
+        return rows + [_compile_job(i) for i in range(len(_JOBS))]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return rows + list(pool.map(_compile_job, range(len(_JOBS)), chunksize=1))
 
 
 def table(rows: list[dict]) -> str:
@@ -293,11 +298,18 @@ def main(argv=None) -> int:
                         help="only the training launch paths (no bias, every gradient), every dtype and config")
     parser.add_argument("--targets", default="sm90,sm80", help="comma-separated, from: " + ", ".join(TARGETS))
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--paths", default="", help="only the launch paths whose name contains this, e.g. ce_gradients")
+    parser.add_argument("--shared-memory", type=int,
+                        help="pretend every target has this many bytes of shared memory per block (to test the check)")
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
     args = parser.parse_args(argv)
+    if tl_utils.interpreting():
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this check compiles")
     targets = [TARGETS[name] for name in args.targets.split(",")]
+    if args.shared_memory is not None:
+        targets = [Target(t.name, t.capability, args.shared_memory) for t in targets]
     started = time.perf_counter()
-    rows = run(targets, full=not args.subset, workers=args.workers)
+    rows = run(targets, full=not args.subset, workers=args.workers, only=args.paths)
     report = table(rows)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,9 @@ import triton.language as tl
 from .tl_utils import (INT64_MIN, accumulator, autotuned, dot_precision, head_logits_tile, interpreting, offsets64,
                        on_device, pack_max_index, pipelined_operands_bytes, row_max_first_index, unpack_max_index)
 
-DEFAULT_BLOCKS = (32, 64, 32)
-"""(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (interpreter, fp64)."""
+DEFAULT_BLOCKS = (64, 64, 32)
+"""(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (the interpreter, and the
+"partials" combine, whose buffer is sized by BLOCK_V). 64 token rows: the least a Hopper warpgroup's wgmma takes."""
 GROUP_M = 8
 
 
@@ -71,13 +72,15 @@ def lmf_row_stats(hidden, weight, bias, vocab_size, *, blocks=None, combine=None
     combine = combine or ("partials" if hidden.dtype == torch.float64 else "packed")
     if combine not in ("packed", "partials"):
         raise ValueError(f"combine must be 'packed' or 'partials', got {combine!r}")
+    if combine == "packed" and hidden.dtype == torch.float64:
+        raise ValueError("combine='packed' keeps a float32 max, which cannot rank float64 logits: use 'partials'")
     device = hidden.device
     row_sums = torch.zeros(n_tokens if with_row_sums else 0, dtype=acc_dtype, device=device)
     if n_tokens == 0:
         empty = torch.empty(0, dtype=acc_dtype, device=device)
         return (empty, torch.empty(0, dtype=torch.int64, device=device)) + ((row_sums,) if with_row_sums else ())
 
-    if blocks is None and (hidden.dtype == torch.float64 or interpreting()):
+    if blocks is None and (combine == "partials" or interpreting()):  # partials are sized by BLOCK_V
         blocks = DEFAULT_BLOCKS
     packed = torch.full((n_tokens if combine == "packed" else 0,), INT64_MIN, dtype=torch.int64, device=device)
     n_vocab_tiles = triton.cdiv(vocab_size, blocks[1]) if combine == "partials" else 0

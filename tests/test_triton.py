@@ -406,3 +406,10 @@ def test_all_ignored_and_all_masked_batches_give_zero_with_zero_grads():
     total.backward()
     assert total.item() == 0.0
     assert all(t.grad is not None and not t.grad.any() for t in leaves)
+
+
+def test_packed_combine_refuses_float64():
+    """The packed word holds a float32 max, which cannot rank float64 logits exactly."""
+    hidden, weight, bias = head(torch.float64)
+    with pytest.raises(ValueError, match="use 'partials'"):
+        lmf_row_stats(hidden, weight, bias, VOCAB_SIZE, combine="packed")
