@@ -11,12 +11,24 @@ $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-.PHONY: venv test demo
+.PHONY: venv test demo compile-check gpu-check
 venv: $(VENV)/.installed
 
+# Before the tests: csrc/ and the Triton kernels compiled for sm_80/sm_90 (no GPU needed), and the GPU command's
+# CPU dry run, so that none of the three can rot on machines without a GPU.
 test: venv
 	if [ -f tools/check_cuda_compile.sh ]; then bash tools/check_cuda_compile.sh; fi
+	$(PY) -m ceu_kernels.compile_check --subset
+	$(PY) -m benchmarks.gpu_check --dry-run
 	$(PY) -m pytest -q
+
+# Every Triton launch path (all flags, dtypes, autotune configs) for sm_90a and sm_80; the table in benchmarks/out/.
+compile-check: venv
+	$(PY) -m ceu_kernels.compile_check --output benchmarks/out/compile_check.md
+
+# On a GPU machine, with its own preinstalled torch and triton (no venv, no network): build, GPU tests, benchmarks.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check
 
 demo: venv
 	$(PY) -m ceu
