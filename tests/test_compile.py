@@ -4,10 +4,7 @@ import pytest
 import torch
 
 import ceu
-from helpers import leaf, random_mask
-
-from test_cross_entropy import make_labels
-from test_lmf import small_gap_inputs
+from helpers import leaf, make_labels, random_mask, small_gap_inputs
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

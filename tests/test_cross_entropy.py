@@ -6,18 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import ceu
-from helpers import DTYPES, check_against_reference, device_impls, grads, head_inputs, leaf, skip_unsupported
-from test_lmf import AUTOCAST_DTYPES, assert_autocast_changes_nothing, small_gap_inputs, under_autocast
+from helpers import (AUTOCAST_DTYPES, DTYPES, assert_autocast_changes_nothing, check_against_reference, device_impls,
+                     grads, head_inputs, leaf, make_labels, skip_unsupported, small_gap_inputs, under_autocast)
 
 DEVICE_IMPLS = device_impls()
 SHAPES = {"nice": ((64,), 32, 256, None), "ragged": ((3, 13), 40, 300, 290)}
-
-
-def make_labels(lead_shape, vocab_size, device, ignore_fraction=0.3, seed=5, ignore_index=-100):
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, vocab_size, lead_shape, generator=generator)
-    labels[torch.rand(lead_shape, generator=generator) < ignore_fraction] = ignore_index
-    return labels.to(device)
 
 
 def reference_outputs(hidden, weight, bias, labels, reduction, vocab_size, ignore_index=-100):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import ceu
 from ceu import backends, chunked
 from ceu_kernels import cuda
-from helpers import DTYPES, assert_no_worse_than_eager, grads, head_inputs, leaf, random_mask
+from helpers import DTYPES, assert_no_worse_than_eager, grads, head_inputs, leaf, planted_integer_ties, random_mask
 
 
 class TorchKernels:
@@ -367,12 +367,8 @@ def test_cross_entropy_end_to_end_matches_reference(shape, chunk_size, with_bias
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_planted_ties_pick_the_first_index_end_to_end(dtype):
-    vocab, hidden_size = 3000, 64
-    hidden, weight, _ = head_inputs(5, hidden_size, vocab, torch.float64)
-    tie_pairs = [(3, 2999), (0, 1), (1024, 2048), (17, 1500), (2990, 2991)]
-    for token, (first, second) in enumerate(tie_pairs):
-        weight[second] = weight[first]
-        hidden[token] = 3 * weight[first]
-    _, stats = ceu.linear_lmf_loss(hidden.to("cuda", dtype), weight.to("cuda", dtype), impl="cuda",
-                                   return_stats=True)
+    tie_pairs = [(3, 2999), (0, 1), (1024, 2048), (17, 1500), (2990, 2991)]  # within and across chunks
+    hidden, weight, bias = planted_integer_ties(3000, 64, tie_pairs=tie_pairs)  # exact in any summation order
+    _, stats = ceu.linear_lmf_loss(hidden.to("cuda", dtype), weight.to("cuda", dtype), bias.to("cuda", dtype),
+                                   impl="cuda", return_stats=True)
     assert stats.argmax.tolist() == [first for first, _ in tie_pairs]

@@ -3,11 +3,11 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._pytree import tree_leaves
 
 import ceu
-from helpers import (DTYPES, check_against_reference, device_impls, grads, head_inputs, leaf, random_mask,
-                     skip_unsupported)
+from helpers import (AUTOCAST_DTYPES, DTYPES, TIE_PAIRS, assert_autocast_changes_nothing, check_against_reference,
+                     device_impls, grads, head_inputs, leaf, planted_integer_ties, random_mask, skip_unsupported,
+                     small_gap_inputs, under_autocast)
 
 DEVICE_IMPLS = device_impls()
 # (lead shape of hidden, H, V, vocab_size): a block-friendly shape and a ragged one with a padded vocabulary.
@@ -57,29 +57,6 @@ def test_gradcheck_float64(device, impl):
     torch.autograd.gradcheck(
         lambda h, w, b: ceu.linear_lmf_loss(h, w, b, mask=mask, impl=impl, chunk_size=3, vocab_size=11),
         (leaf(hidden), leaf(weight), leaf(bias)), fast_mode=impl != "torch")  # full Jacobians are slow in an interpreter
-
-
-TIE_PAIRS = [(3, 150), (0, 199), (64, 65), (17, 18), (100, 131), (31, 32)]  # across and within vocab tiles
-
-
-def planted_integer_ties(vocab=200, hidden_size=32, seed=0):
-    """Token ``t`` has an exact tie in its max between the twin rows ``TIE_PAIRS[t]`` and no other row reaches it.
-
-    Hidden, weight and bias are small integers, so every partial sum of every logit is an integer below 2**8, exact
-    in float16, bfloat16 and float32: the twins tie in any summation order, on any BLAS and any tiling.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randint(-1, 2, (vocab, hidden_size), generator=generator).double()
-    bias = torch.randint(-2, 3, (vocab,), generator=generator).double()
-    hidden = torch.empty(len(TIE_PAIRS), hidden_size, dtype=torch.float64)
-    for token, (first, second) in enumerate(TIE_PAIRS):
-        weight[second], bias[first], bias[second] = weight[first], 3.0, 3.0
-        hidden[token] = weight[first]
-    assert (hidden.abs() @ weight.abs().T + bias.abs()).max() <= 2**8  # bounds every partial sum, in any order
-    logits = hidden @ weight.T + bias
-    for token, pair in enumerate(TIE_PAIRS):
-        assert (logits[token] == logits[token].max()).nonzero().flatten().tolist() == list(pair)
-    return hidden, weight, bias
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
@@ -248,44 +225,6 @@ def test_half_precision_mean_is_upcast_in_chunks(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     reference = (hidden.double() @ weight.double().T + bias.double()).mean(-1)
     torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
-
-
-AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def small_gap_inputs(n_tokens, hidden_size, vocab, dtype, device, seed=0):
-    """Logits near 30 within about 0.1 of each other: a mean rounded to bfloat16 (spacing 0.25 there) is off by
-    about the whole gap max - mean, while the max comes from the float32 GEMM."""
-    generator = torch.Generator().manual_seed(seed)
-    common = torch.randn(hidden_size, generator=generator, dtype=torch.float64)
-    weight = common + 0.005 * torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64)
-    hidden = common + 0.1 * torch.randn(n_tokens, hidden_size, generator=generator, dtype=torch.float64)
-    bias = 0.01 * torch.randn(vocab, generator=generator, dtype=torch.float64)
-    return tuple(t.to(device=device, dtype=dtype) for t in (hidden, weight, bias))
-
-
-def under_autocast(loss_fn, tensors, device, autocast_dtype, backward_inside=True):
-    """``loss_fn(*inputs)`` (a loss, or a (loss, stats) pair) and its gradients, the call run under
-    ``torch.autocast(device, autocast_dtype)`` (None: no autocast) and the backward inside or outside that block."""
-    inputs = [leaf(t) for t in tensors]
-    with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        out = loss_fn(*inputs)
-        loss = out[0] if isinstance(out, tuple) else out
-        if backward_inside:
-            return out, torch.autograd.grad(loss, inputs)
-    return out, torch.autograd.grad(loss, inputs)
-
-
-def assert_autocast_changes_nothing(loss_fn, tensors, device, autocast_dtype):
-    """Value, stats (and their dtypes) and every gradient bitwise as without autocast, whether the backward runs
-    inside the autocast block or after it."""
-    expected, expected_grads = under_autocast(loss_fn, tensors, device, None)
-    for backward_inside in (True, False):
-        got, got_grads = under_autocast(loss_fn, tensors, device, autocast_dtype, backward_inside)
-        for name, a, b in zip(("loss", "max", "mean", "argmax"), tree_leaves(got), tree_leaves(expected)):
-            assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: {a} != {b} under autocast {autocast_dtype}"
-        for name, a, b in zip(("hidden", "weight", "bias"), got_grads, expected_grads):
-            assert a.dtype == b.dtype and torch.equal(a, b), f"grad {name} differs (backward inside: {backward_inside})"
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)

@@ -8,8 +8,7 @@ import torch.multiprocessing as mp
 
 import ceu
 from ceu.parallel import vocab_parallel_lmf_loss
-from helpers import head_inputs, leaf, random_mask
-from test_lmf import small_gap_inputs
+from helpers import head_inputs, leaf, random_mask, small_gap_inputs
 
 WORLD_SIZE, SHARD_ROWS, HIDDEN_SIZE, N_TOKENS = 2, 37, 12, 15
 # name -> (global vocab_size, reduction); 70 pads the last 4 rows, 30 leaves rank 1 only padding.
