@@ -118,12 +118,18 @@ def lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hi
     """
     ops = kernels()
     n_tokens, hidden_size = hidden.shape
+    # The forward only gives real rows; any other index becomes -1, which the kernels skip (and give a NaN dh row),
+    # and is never used to index here: a device-side assert would end the CUDA context as surely as a bad access.
+    real = (argmax >= 0) & (argmax < vocab_size)
+    argmax = torch.where(real, argmax, -1)
     grad_hidden = grad_weight = grad_bias = None
     if needs_hidden:
         grad_hidden = hidden.new_empty(n_tokens, hidden_size)
         ops.lmf_grad_hidden(coef, argmax, weight.contiguous(), weight_mean, grad_hidden)
     if needs_weight:
-        picked = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device).index_fill_(0, argmax, True)
+        # A skipped token marks row 0 picked: an empty slot, and no more slots than tokens.
+        picked = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        picked.index_fill_(0, argmax.clamp_min(0), True)
         slot = torch.where(picked, picked.cumsum(0) - 1, -1)
         acc = coef.new_zeros(min(n_tokens, weight.shape[0]), hidden_size)
         column_sum = coef.new_zeros(hidden_size)
@@ -131,7 +137,7 @@ def lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hi
         grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         ops.lmf_grad_weight(acc, slot, column_sum, vocab_size, grad_weight)
     if needs_bias:
-        grad_bias = coef.new_zeros(weight.shape[0]).index_add_(0, argmax, coef)
+        grad_bias = coef.new_zeros(weight.shape[0]).index_add_(0, argmax.clamp_min(0), torch.where(real, coef, 0.0))
         grad_bias[:vocab_size] -= coef.sum() / vocab_size
         grad_bias = grad_bias.to(weight.dtype)
     return grad_hidden, grad_weight, grad_bias
