@@ -42,7 +42,7 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_labels(labels, hidden, vocab_size, ignore_index)
-    backends.resolve(impl, hidden.device, "ce")  # fail here, before any work, if impl cannot run on this device
+    backends.resolve(impl, hidden.device, "ce", hidden.dtype)  # fail here, before any work, if impl cannot run on this device
     flat_labels = labels.reshape(-1)
     with autocast_disabled(hidden.device):
         loss = LinearCrossEntropyFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels,

@@ -135,7 +135,7 @@ def linear_lmf_loss(hidden, weight, bias=None, *, mask=None, reduction="mean", i
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_mask(mask, hidden)
-    backends.resolve(impl, hidden.device, "lmf")  # fail here, before any work, if impl cannot run on this device
+    backends.resolve(impl, hidden.device, "lmf", hidden.dtype)  # fail here, before any work, if impl cannot run on this device
     lead_shape = hidden.shape[:-1]
     flat_mask = None if mask is None else mask.reshape(-1)
     with autocast_disabled(hidden.device):

@@ -116,7 +116,7 @@ def vocab_parallel_lmf_loss(hidden, weight_shard, bias_shard=None, *, process_gr
         raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
     checks.check_head(hidden, weight_shard, bias_shard, None, reduction, impl, chunk_size)
     checks.check_mask(mask, hidden)
-    backends.resolve(impl, hidden.device, "lmf")
+    backends.resolve(impl, hidden.device, "lmf", hidden.dtype)
     lead_shape = hidden.shape[:-1]
     flat_mask = None if mask is None else mask.reshape(-1)
     with autocast_disabled(hidden.device):
