@@ -12,6 +12,7 @@ packages the GPU machines lack made unimportable (a module that fails to import 
 the benchmark step runs ``python -m benchmarks gpu --dry-run``.
 """
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -31,6 +32,8 @@ BENCH_TAIL_S = 100
 GPU_TEST_FILES = ("tests/test_lmf.py", "tests/test_cross_entropy.py", "tests/test_numerics.py", "tests/test_triton.py",
                   "tests/test_cuda_backend.py", "tests/test_compile.py", "tests/test_checks.py")
 """The tests that run the kernels on CUDA tensors when a GPU is present (every backend through ``device_impls``)."""
+TEST_WORKERS = 8
+"""pytest-xdist processes for the GPU tests where the plugin is installed (it is on the lent machines)."""
 MISSING_ON_GPU_MACHINES = ("datasets", "rouge_score")
 """Packages the lent GPU machines do not have; the dry run makes them unimportable."""
 
@@ -108,7 +111,9 @@ def tests(dry_run: bool, out_dir: Path) -> Step:
         command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES]
     else:
         paths = [str(REPO_ROOT), env.get("PYTHONPATH", "")]
-        command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+        # Kernel compiles (every autotune config of every variant) dominate: spread them over processes.
+        workers = ["-n", str(TEST_WORKERS)] if importlib.util.find_spec("xdist") else []
+        command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *workers,
                    f"--junitxml={out_dir / 'tests.xml'}", *GPU_TEST_FILES]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     code, output = run_logged("tests", command, out_dir, STEP_LIMITS_S["tests"], env)
