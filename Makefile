@@ -18,7 +18,7 @@ venv: $(VENV)/.installed
 # CPU dry run, so that none of the three can rot on machines without a GPU.
 test: venv
 	if [ -f tools/check_cuda_compile.sh ]; then bash tools/check_cuda_compile.sh; fi
-	$(PY) -m ceu_kernels.compile_check --subset
+	$(PY) -m ceu_kernels.compile_check --subset --output benchmarks/out/compile_check_subset.md
 	$(PY) -m benchmarks.gpu_check --dry-run
 	$(PY) -m pytest -q
 

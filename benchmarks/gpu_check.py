@@ -46,10 +46,12 @@ class Step:
     detail: str
 
 
-def run_logged(name: str, command: list[str], out_dir: Path, timeout: float, env: dict | None = None) -> tuple:
-    """Run ``command`` with its output teed to ``out_dir/<name>.log``; (return code or None on timeout, output)."""
+def run_logged(name: str, command: list[str], out_dir: Path, timeout: float, env: dict | None = None,
+               echo: bool = True) -> tuple:
+    """Run ``command`` with its output written to ``out_dir/<name>.log`` (and echoed when ``echo``); (return code or
+    None on timeout, output)."""
     log = out_dir / f"{name}.log"
-    print(f"\n=== {name}: {' '.join(command)}", flush=True)
+    print(f"=== {name}: {' '.join(command)}", flush=True)
     lines = []
     with log.open("w") as sink, subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                                  stderr=subprocess.STDOUT, text=True) as process:
@@ -57,7 +59,8 @@ def run_logged(name: str, command: list[str], out_dir: Path, timeout: float, env
         for line in process.stdout:
             sink.write(line)
             lines.append(line)
-            print(line, end="", flush=True)
+            if echo:
+                print(line, end="", flush=True)
             if time.monotonic() > deadline:
                 process.kill()
                 return None, "".join(lines)
@@ -90,7 +93,7 @@ def build(dry_run: bool, out_dir: Path) -> Step:
     started = time.monotonic()
     env = {**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))}
     command = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
-    code, output = run_logged("build", command, out_dir, STEP_LIMITS_S["build"], env)
+    code, output = run_logged("build", command, out_dir, STEP_LIMITS_S["build"], env, echo=not dry_run)
     seconds = time.monotonic() - started
     if code != 0:
         return Step("build", "FAIL", seconds, "timed out" if code is None else f"exit {code}, see build.log")
@@ -116,7 +119,7 @@ def tests(dry_run: bool, out_dir: Path) -> Step:
         command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *workers,
                    f"--junitxml={out_dir / 'tests.xml'}", *GPU_TEST_FILES]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
-    code, output = run_logged("tests", command, out_dir, STEP_LIMITS_S["tests"], env)
+    code, output = run_logged("tests", command, out_dir, STEP_LIMITS_S["tests"], env, echo=not dry_run)
     seconds = time.monotonic() - started
     summary = "timed out" if code is None else pytest_summary(output)
     return Step("tests", "ok" if code == 0 else "FAIL", seconds, summary)
@@ -130,7 +133,7 @@ def bench(dry_run: bool, out_dir: Path, seconds_left: float) -> Step:
     else:
         command += ["--time-budget", f"{max(30.0, seconds_left - BENCH_TAIL_S):.0f}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    code, output = run_logged("bench", command, out_dir, max(60.0, seconds_left), env)
+    code, output = run_logged("bench", command, out_dir, max(60.0, seconds_left), env, echo=not dry_run)
     seconds = time.monotonic() - started
     if code != 0:
         return Step("bench", "FAIL", seconds, "timed out" if code is None else f"exit {code}, see bench.log")
@@ -178,6 +181,10 @@ def main(argv=None) -> int:
     steps.append(bench(args.dry_run, args.out, TOTAL_BUDGET_S - (time.monotonic() - started)))
     summary = table(steps, header + f"; total {time.monotonic() - started:.0f} s")
     (args.out / "summary.md").write_text(summary + "\n")
+    for step in steps:
+        if step.status != "ok":
+            tail = (args.out / f"{step.name}.log").read_text().splitlines()[-40:]
+            print(f"\n--- last lines of {args.out / step.name}.log", *tail, sep="\n")
     print("\n" + summary)
     return 0 if all(step.status == "ok" for step in steps) else 1
 
