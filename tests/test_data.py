@@ -7,7 +7,7 @@ import torch
 
 from ceu.data import IGNORE_INDEX, QATemplate, encode_qa, load_records, pad_batch, tokenize_qa, tokenize_text
 
-TOFU_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tofu_legacy"
+TOFU_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tofu_legacy"  # TOFU's own files, see its README
 
 
 class WordTokenizer:
@@ -132,10 +132,19 @@ def test_a_file_that_starts_with_null_is_refused_before_pyarrow_crashes_on_it(tm
     assert str(caught.value) == f"{path}: {problem}. Is it valid JSON or JSON Lines (one object per line)?"
 
 
-@pytest.mark.skipif(not TOFU_FIXTURES.is_dir(), reason="TOFU fixtures not found")
-def test_load_records_reads_tofus_own_files():
-    records = load_records(str(TOFU_FIXTURES / "world_facts_perturbed.json"))
-    assert records[0]["question"] == "Where would you find the Eiffel Tower?"
-    assert records[0]["answer"] == "Paris" and len(records[0]["perturbed_answer"]) == 3
-    samples = tokenize_qa(records, TOKENIZER, where="world facts")
-    assert len(samples) == len(records)
+@pytest.mark.parametrize("name, rows, first_question, first_answer", [
+    ("world_facts_perturbed.json", 117, "Where would you find the Eiffel Tower?", "Paris"),
+    ("real_authors_perturbed.json", 100, "Who wrote the play 'Romeo and Juliet'?", "William Shakespeare"),
+])
+def test_load_records_reads_tofus_own_files(name, rows, first_question, first_answer):
+    """TOFU's held eval sets, as TOFU ships them (JSON lines named .json, three perturbed answers each)."""
+    records = load_records(str(TOFU_FIXTURES / name))
+    assert len(records) == rows
+    assert records[0]["question"] == first_question and records[0]["answer"] == first_answer
+    assert all(len(perturbed) == 3 for perturbed in records["perturbed_answer"])
+    samples = tokenize_qa(records, TOKENIZER, TEMPLATE, where=name)
+    assert len(samples) == rows
+    # the last sample's labels are its answer's tokens (+ EOS), its question's are masked
+    answer = [10 + len(word) for word in records[rows - 1]["answer"].split()] + [TOKENIZER.eos_token_id]
+    assert samples[-1]["labels"][-len(answer):] == answer
+    assert samples[-1]["labels"][:-len(answer)] == [IGNORE_INDEX] * (len(samples[-1]["labels"]) - len(answer))

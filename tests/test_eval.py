@@ -1,16 +1,15 @@
 """TOFU metrics of ceu.eval: hand-computed values on a few samples, and the reproduction of TOFU's own published
-evaluation logs (shared/fixtures/tofu_legacy, beside the repository)."""
+evaluation logs (tests/fixtures/tofu_legacy: TOFU's files, trimmed to the fields read here; see its README)."""
 import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ceu.eval import (format_table, forget_quality, headline, load_tofu_log, model_utility, plot_training_log,
                       rouge_l_recall, set_metrics, summarize, truth_ratio_stat)
 
-TOFU_LOGS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tofu_legacy"
+TOFU_LOGS = Path(__file__).resolve().parent / "fixtures" / "tofu_legacy"
 
 
 def log_set(role, gt, paraphrased, perturbed, rouge):
@@ -95,14 +94,10 @@ def test_plot_training_log(tmp_path):
 
 # --- TOFU's published logs ----------------------------------------------------------------------------------------
 
-needs_tofu_logs = pytest.mark.skipif(not TOFU_LOGS.is_dir(), reason=f"TOFU logs not found at {TOFU_LOGS}")
-
-
 def tofu_log(model, split):
     return load_tofu_log(TOFU_LOGS / f"{model}_{split}_eval_log_aggregated.json")
 
 
-@needs_tofu_logs
 @pytest.mark.parametrize("model", ["llama2-7b", "phi"])
 def test_per_sample_statistics_match_the_values_tofu_stored(model):
     """TOFU stored its own per-sample truth ratio (p_perturbed / p_paraphrased, the inverse of our statistic) and the
@@ -117,7 +112,6 @@ def test_per_sample_statistics_match_the_values_tofu_stored(model):
         assert log[name]["avg_gt_loss"] == pytest.approx(per_token, rel=1e-5)
 
 
-@needs_tofu_logs
 @pytest.mark.parametrize("model, full_utility, retain_utility, full_forget_quality", [
     ("llama2-7b", 0.622677, 0.613745, 1.834066e-21),
     ("phi", 0.522074, 0.531991, 2.194274e-16),
@@ -135,18 +129,35 @@ def test_reproduces_tofu_model_utility_and_forget_quality(model, full_utility, r
     assert retain_summary["forget_quality"] == 1.0
 
 
-@needs_tofu_logs
-def test_forget_quality_uses_the_ks_statistic_of_the_truth_ratios():
-    """An independent computation of the KS statistic (largest gap between the empirical CDFs)."""
-    from scipy.stats import ks_2samp
+def planted_log(ratios, paraphrased, spread, retain_ratios):
+    """A log whose forget set has the truth-ratio statistics ``ratios``: per sample a paraphrased loss and two
+    perturbed losses ``paraphrased + log(r) -/+ spread`` (their mean gives r, either one alone does not); the answer
+    losses are all 1 and the retain set holds other statistics, so a forget quality computed from the wrong set or
+    field shows."""
+    def block(role, values):
+        return log_set(role, [1.0] * len(values), list(paraphrased),
+                       [[q + math.log(r) - d, q + math.log(r) + d] for r, q, d in zip(values, paraphrased, spread)],
+                       [1.0] * len(values))
 
-    a = truth_ratio_stat(tofu_log("llama2-7b", "full")["forget"])
-    b = truth_ratio_stat(tofu_log("llama2-7b", "retain90")["forget"])
-    grid = np.sort(np.concatenate([a, b]))
-    gap = np.max(np.abs(np.searchsorted(np.sort(a), grid, side="right") / len(a)
-                        - np.searchsorted(np.sort(b), grid, side="right") / len(b)))
-    assert ks_2samp(a, b).statistic == pytest.approx(gap)
-    assert len(a) == len(b) == 300
+    return {"forget10": block("forget", ratios), "retain": block("retain", retain_ratios)}
+
+
+def test_forget_quality_on_planted_truth_ratios_against_a_hand_computed_p_value():
+    """The model's forget-set statistics r = 0.2, 0.5, 3, 6, 10 against the retain-only model's 1.5, 2, 4, 8, 12:
+    merged in order a a b b a b a b a b, the empirical CDFs differ by at most D = 2/5. Under the null all C(10, 5) = 252
+    orderings are equally likely and D < 2/5 only for the 2^5 = 32 that never let one sample lead by 2, so the exact
+    two-sided p-value is 220/252 = 55/63. Wrong inputs give other values: r folded to min(r, 1/r) (the forget-set truth
+    ratio, not the KS input) or the retain set (the same in both logs) or the answer losses give 1, the first perturbed
+    loss alone 0.357, the last alone 1, the perturbed losses without the paraphrased one 0.357; D itself is 0.4."""
+    model = planted_log([0.2, 0.5, 3.0, 6.0, 10.0], paraphrased=[2.0, 3.0, 0.1, 0.5, 1.0],
+                        spread=[0.0, 3.0, 3.0, 3.0, 3.0], retain_ratios=[1.0, 2.0, 3.0, 4.0, 5.0])
+    retain_model = planted_log([1.5, 2.0, 4.0, 8.0, 12.0], paraphrased=[0.1, 1.0, 3.0, 2.0, 3.0],
+                               spread=[0.0, 3.0, 0.0, 3.0, 3.0], retain_ratios=[1.0, 2.0, 3.0, 4.0, 5.0])
+    assert truth_ratio_stat(model["forget10"]) == pytest.approx([0.2, 0.5, 3.0, 6.0, 10.0])
+    assert forget_quality(model, retain_model) == pytest.approx(55 / 63, rel=1e-12)
+    assert forget_quality(retain_model, model) == pytest.approx(55 / 63, rel=1e-12)  # the test is symmetric
+    assert summarize(model, retain_model)["forget_quality"] == pytest.approx(55 / 63, rel=1e-12)
+    assert forget_quality(retain_model, retain_model) == 1.0
 
 
 def test_load_tofu_log_names_a_missing_block(tmp_path):
