@@ -9,22 +9,23 @@ from .reference import reduce_tokens
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Per-token cross-entropy on flattened inputs (0 at ``ignore_index``); saves the log-sum-exp per token."""
+    """Per-token cross-entropy on flattened inputs (0 at ``ignore_index``); saves the log-sum-exp per token and keeps
+    the name of the ``backend`` (chosen by the caller) for the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, vocab_size, ignore_index, impl, chunk_size):
-        loss, lse = ops.ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, impl, chunk_size)
+    def forward(ctx, hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size):
+        loss, lse = ops.ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.config = (vocab_size, ignore_index, impl, chunk_size)
+        ctx.config = (vocab_size, ignore_index, backend, chunk_size)
         return loss
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx, grad_loss):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        vocab_size, ignore_index, impl, chunk_size = ctx.config
+        vocab_size, ignore_index, backend, chunk_size = ctx.config
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grads = ops.ce_backward(grad_loss, lse, hidden, weight, bias, labels, vocab_size, ignore_index, impl,
+        grads = ops.ce_backward(grad_loss, lse, hidden, weight, bias, labels, vocab_size, ignore_index, backend,
                                 chunk_size, needs_hidden, needs_weight, needs_bias)
         grads = [grad if need else None for grad, need in zip(grads, ctx.needs_input_grad)]
         return (*grads, None, None, None, None, None)
@@ -42,11 +43,11 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_labels(labels, hidden, vocab_size, ignore_index)
-    backends.resolve(impl, hidden.device, "ce", hidden.dtype)  # fail here, before any work, if impl cannot run on this device
+    backend = backends.choose(impl, hidden.device, "ce", hidden.dtype)  # the one backend decision of this call
     flat_labels = labels.reshape(-1)
     with autocast_disabled(hidden.device):
         loss = LinearCrossEntropyFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels,
-                                                vocab_size, ignore_index, impl, chunk_size)
+                                                vocab_size, ignore_index, backend, chunk_size)
         loss = reduce_tokens(loss, flat_labels != ignore_index, reduction)
     return loss.reshape(labels.shape) if reduction == "none" else loss
 

@@ -2,6 +2,12 @@
 
 The mean needs no GEMM: ``mean_j z_j = h . w_mean + b_mean``. The forward's only GEMM feeds a running max/argmax;
 the backward is the closed form ``dlogits = c (onehot(argmax) - 1/V)`` with ``c = 2 g (max - mean)``.
+
+The path of one call: :func:`linear_lmf_loss` checks its arguments and chooses the backend once
+(:func:`ceu.backends.choose`, a name such as ``"triton"``); :class:`LinearLMFFunction` runs the backend's
+``lmf_forward`` through the custom op :func:`ceu.ops.lmf_forward` for (max, argmax), computes the mean, gap and
+masked square itself, and keeps the backend's name on ``ctx``; its backward hands ``c`` to the same backend's
+``lmf_backward`` through :func:`ceu.ops.lmf_backward`. The backends and their contract are in ``ceu_kernels``.
 """
 import contextlib
 import functools
@@ -9,8 +15,9 @@ from typing import NamedTuple
 
 import torch
 
+from ceu_kernels.contract import stat_dtype
+
 from . import backends, checks, ops
-from .chunked import stat_dtype
 from .reference import reduce_tokens
 
 
@@ -82,21 +89,22 @@ def finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, re
 class LinearLMFFunction(torch.autograd.Function):
     """Per-token LMF loss on flattened inputs, zero where ``mask`` is False; returns ``(loss, max, mean, argmax)``.
 
-    Saves only the argmax, the gap ``max - mean`` per token and the weight's row mean, beside the inputs themselves.
+    Saves only the argmax, the gap ``max - mean`` per token and the weight's row mean, beside the inputs themselves,
+    and the name of the ``backend`` (chosen by the caller) that the backward must use too.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, mask, vocab_size, impl, chunk_size):
+    def forward(ctx, hidden, weight, bias, mask, vocab_size, backend, chunk_size):
         acc = stat_dtype(hidden.dtype)
         weight_mean = weight[:vocab_size].sum(0, dtype=acc) / vocab_size
-        row_max, argmax = ops.lmf_forward(hidden, weight, bias, vocab_size, impl, chunk_size)
+        row_max, argmax = ops.lmf_forward(hidden, weight, bias, vocab_size, backend, chunk_size)
         row_mean = hidden_dot(hidden, weight_mean)
         if bias is not None:
             row_mean += bias[:vocab_size].sum(dtype=acc) / vocab_size
         gap = row_max - row_mean
         loss = masked_square(gap, mask)
         ctx.save_for_backward(hidden, weight, argmax, gap, weight_mean, mask)
-        ctx.vocab_size, ctx.impl = vocab_size, impl
+        ctx.vocab_size, ctx.backend = vocab_size, backend
         ctx.mark_non_differentiable(row_max, row_mean, argmax)
         return loss, row_max, row_mean, argmax
 
@@ -106,7 +114,7 @@ class LinearLMFFunction(torch.autograd.Function):
         hidden, weight, argmax, gap, weight_mean, mask = ctx.saved_tensors
         coef = gap_coefficient(grad_loss, gap, mask)
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grads = ops.lmf_backward(coef, argmax, hidden, weight, weight_mean, ctx.vocab_size, ctx.impl,
+        grads = ops.lmf_backward(coef, argmax, hidden, weight, weight_mean, ctx.vocab_size, ctx.backend,
                                  needs_hidden, needs_weight, needs_bias)
         grads = [grad if need else None for grad, need in zip(grads, ctx.needs_input_grad)]
         return (*grads, None, None, None, None)
@@ -123,7 +131,7 @@ def linear_lmf_loss(hidden, weight, bias=None, *, mask=None, reduction="mean", i
         mask: optional bool ``[...]``; True marks a token that counts. Masked tokens contribute 0 and get 0 gradient.
         reduction: ``"mean"`` over counted tokens (0 when none is counted), ``"sum"``, or ``"none"`` (per token).
         impl: ``"auto"`` (fastest available for the device), ``"torch"`` (chunked PyTorch), ``"triton"``, ``"cuda"``.
-        chunk_size: tokens per GEMM chunk; default from a memory budget (``ceu.chunked.CHUNK_BUDGET_BYTES``).
+        chunk_size: tokens per GEMM chunk; default from a memory budget (``ceu_kernels.contract.CHUNK_BUDGET_BYTES``).
         vocab_size: real vocabulary size when the last ``V - vocab_size`` rows of ``weight`` are padding.
         return_stats: also return :class:`LMFStats` (per-token max, mean, first-index argmax).
 
@@ -135,12 +143,12 @@ def linear_lmf_loss(hidden, weight, bias=None, *, mask=None, reduction="mean", i
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_mask(mask, hidden)
-    backends.resolve(impl, hidden.device, "lmf", hidden.dtype)  # fail here, before any work, if impl cannot run on this device
+    backend = backends.choose(impl, hidden.device, "lmf", hidden.dtype)  # the one backend decision of this call
     lead_shape = hidden.shape[:-1]
     flat_mask = None if mask is None else mask.reshape(-1)
     with autocast_disabled(hidden.device):
         loss, row_max, row_mean, argmax = LinearLMFFunction.apply(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_mask, vocab_size, impl, chunk_size)
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_mask, vocab_size, backend, chunk_size)
         return finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, return_stats)
 
 

@@ -1,25 +1,23 @@
 """The backend calls as torch custom ops, so ``torch.compile(fullgraph=True)`` traces the fused losses as opaque
-nodes (no graph break) while eager calls still go straight to the backend chosen by ``impl``.
+nodes (no graph break) while eager calls go straight to the backend.
+
+Each op takes ``backend``, the concrete name that :func:`ceu.backends.choose` gave the public function, and only
+looks it up (:func:`ceu_kernels.contract.load`): no op decides anything about which backend runs.
 """
 import torch
 from torch import Tensor
 
-from . import backends
-from .chunked import stat_dtype
-
-
-def _backend(impl: str, hidden: Tensor, loss: str):
-    return backends.resolve(impl, hidden.device, loss, hidden.dtype)
+from ceu_kernels.contract import load, stat_dtype
 
 
 @torch.library.custom_op("ceu::lmf_forward", mutates_args=())
-def lmf_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int, impl: str,
+def lmf_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int, backend: str,
                 chunk_size: int | None) -> tuple[Tensor, Tensor]:
-    return _backend(impl, hidden, "lmf").lmf_forward(hidden, weight, bias, vocab_size, chunk_size)
+    return load(backend).lmf_forward(hidden, weight, bias, vocab_size, chunk_size)
 
 
 @lmf_forward.register_fake
-def _(hidden, weight, bias, vocab_size, impl, chunk_size):
+def _(hidden, weight, bias, vocab_size, backend, chunk_size):
     n_tokens = hidden.shape[0]
     return hidden.new_empty(n_tokens, dtype=stat_dtype(hidden.dtype)), hidden.new_empty(n_tokens, dtype=torch.int64)
 
@@ -38,40 +36,41 @@ def _fake_grads(hidden, weight, needs):
 
 @torch.library.custom_op("ceu::lmf_backward", mutates_args=())
 def lmf_backward(coef: Tensor, argmax: Tensor, hidden: Tensor, weight: Tensor, weight_mean: Tensor, vocab_size: int,
-                 impl: str, needs_hidden: bool, needs_weight: bool, needs_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 backend: str, needs_hidden: bool, needs_weight: bool,
+                 needs_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     needs = (needs_hidden, needs_weight, needs_bias)
-    found = _backend(impl, hidden, "lmf").lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, *needs)
+    found = load(backend).lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, *needs)
     return tuple(_grad_or_empty(need, grad, hidden) for need, grad in zip(needs, found))
 
 
 @lmf_backward.register_fake
-def _(coef, argmax, hidden, weight, weight_mean, vocab_size, impl, needs_hidden, needs_weight, needs_bias):
+def _(coef, argmax, hidden, weight, weight_mean, vocab_size, backend, needs_hidden, needs_weight, needs_bias):
     return _fake_grads(hidden, weight, (needs_hidden, needs_weight, needs_bias))
 
 
 @torch.library.custom_op("ceu::ce_forward", mutates_args=())
 def ce_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, vocab_size: int,
-               ignore_index: int, impl: str, chunk_size: int | None) -> tuple[Tensor, Tensor]:
-    return _backend(impl, hidden, "ce").ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size)
+               ignore_index: int, backend: str, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    return load(backend).ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size)
 
 
 @ce_forward.register_fake
-def _(hidden, weight, bias, labels, vocab_size, ignore_index, impl, chunk_size):
+def _(hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size):
     per_token = hidden.new_empty(hidden.shape[0], dtype=stat_dtype(hidden.dtype))
     return per_token, torch.empty_like(per_token)
 
 
 @torch.library.custom_op("ceu::ce_backward", mutates_args=())
 def ce_backward(grad: Tensor, lse: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                vocab_size: int, ignore_index: int, impl: str, chunk_size: int | None, needs_hidden: bool,
+                vocab_size: int, ignore_index: int, backend: str, chunk_size: int | None, needs_hidden: bool,
                 needs_weight: bool, needs_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     needs = (needs_hidden, needs_weight, needs_bias)
-    found = _backend(impl, hidden, "ce").ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index,
-                                               chunk_size, *needs)
+    found = load(backend).ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size,
+                                      *needs)
     return tuple(_grad_or_empty(need, grad, hidden) for need, grad in zip(needs, found))
 
 
 @ce_backward.register_fake
-def _(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index, impl, chunk_size, needs_hidden,
+def _(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size, needs_hidden,
       needs_weight, needs_bias):
     return _fake_grads(hidden, weight, (needs_hidden, needs_weight, needs_bias))

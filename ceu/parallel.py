@@ -3,15 +3,23 @@
 Forward: the local GEMM gives a shard max/argmax; two all-reduces of ``[tokens]`` vectors give the global max (MAX)
 and its first global index (MIN over the ranks that hold the max), which is exact in every dtype and keeps the
 first-index tie rule and ``torch.max``'s NaN rule across shards; a third sums the partial row sums for the mean.
-Backward: only the rank owning the argmax row scatters ``c h`` into its shard of dW; ``dh`` is assembled with one
-all-reduce, so ``hidden`` must not also pass through a "copy to tensor-parallel region" op that all-reduces its
-gradient.
+Backward: only the rank owning the argmax row scatters ``c h`` into its shard of dW, written once in the weight's
+dtype by the chunked backend's :func:`ceu_kernels.chunked.rank_one_plus_scatter` (no float32 ``[V_shard, H]``
+buffer); ``dh`` is assembled with one all-reduce, so ``hidden`` must not also pass through a "copy to
+tensor-parallel region" op that all-reduces its gradient.
+
+The backend chosen by ``impl`` runs the shard's forward (max, argmax: the contract's ``lmf_forward``). The backward
+is the closed form in PyTorch whatever the backend: the contract's ``lmf_backward`` divides by the rows it is given
+and gathers ``W[argmax]`` for every token, while a shard's rank-1 term divides by the global vocabulary and only the
+owner of a token's argmax gathers its row.
 """
 import torch
 import torch.distributed as dist
 
+from ceu_kernels.chunked import rank_one_plus_scatter
+from ceu_kernels.contract import stat_dtype
+
 from . import backends, checks, ops
-from .chunked import stat_dtype
 from .lmf import autocast_disabled, backward_without_autocast, finish, gap_coefficient, hidden_dot, masked_square
 
 
@@ -40,11 +48,11 @@ class VocabParallelLMFFunction(torch.autograd.Function):
     """Per-token LMF loss over a vocabulary sharded across ``group``; returns ``(loss, max, mean, argmax)``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, mask, vocab_start, vocab_size, group, impl, chunk_size):
+    def forward(ctx, hidden, weight, bias, mask, vocab_start, vocab_size, group, backend, chunk_size):
         acc = stat_dtype(hidden.dtype)
         local_real = min(max(vocab_size - vocab_start, 0), weight.shape[0])
         if local_real > 0:
-            local_max, local_argmax = ops.lmf_forward(hidden, weight, bias, local_real, impl, chunk_size)
+            local_max, local_argmax = ops.lmf_forward(hidden, weight, bias, local_real, backend, chunk_size)
         else:  # a shard made only of padding rows never holds the max
             local_max = hidden.new_full((hidden.shape[0],), float("-inf"), dtype=acc)
             local_argmax = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
@@ -80,16 +88,14 @@ class VocabParallelLMFFunction(torch.autograd.Function):
             grad_hidden -= coef[:, None] * (weight_sum / vocab_size)
             dist.all_reduce(grad_hidden, dist.ReduceOp.SUM, group=group)
             grad_hidden = grad_hidden.to(hidden.dtype)
+        rows = torch.where(owned, local_index, weight.shape[0])  # a token this shard does not own is dropped
         if needs_weight:
-            grad_weight = torch.zeros(weight.shape, dtype=coef.dtype, device=weight.device)
-            grad_weight[:local_real] = (coef[:, None] * hidden.to(coef.dtype)).sum(0) / -vocab_size
-            grad_weight.index_add_(0, local_index, owned_coef[:, None] * hidden.to(coef.dtype))
-            grad_weight = grad_weight.to(weight.dtype)
+            scaled_hidden = coef[:, None] * hidden.to(coef.dtype)
+            grad_weight = rank_one_plus_scatter(rows, scaled_hidden, scaled_hidden.sum(0) / -vocab_size,
+                                                weight.shape[0], local_real, weight.dtype)
         if needs_bias:
-            grad_bias = torch.zeros(weight.shape[0], dtype=coef.dtype, device=weight.device)
-            grad_bias[:local_real] = coef.sum() / -vocab_size
-            grad_bias.index_add_(0, local_index, owned_coef)
-            grad_bias = grad_bias.to(weight.dtype)
+            grad_bias = rank_one_plus_scatter(rows, coef, coef.sum() / -vocab_size, weight.shape[0], local_real,
+                                              weight.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -116,11 +122,11 @@ def vocab_parallel_lmf_loss(hidden, weight_shard, bias_shard=None, *, process_gr
         raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
     checks.check_head(hidden, weight_shard, bias_shard, None, reduction, impl, chunk_size)
     checks.check_mask(mask, hidden)
-    backends.resolve(impl, hidden.device, "lmf", hidden.dtype)
+    backend = backends.choose(impl, hidden.device, "lmf", hidden.dtype)  # the one backend decision of this call
     lead_shape = hidden.shape[:-1]
     flat_mask = None if mask is None else mask.reshape(-1)
     with autocast_disabled(hidden.device):
         loss, row_max, row_mean, argmax = VocabParallelLMFFunction.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, flat_mask, vocab_start, vocab_size,
-            process_group, impl, chunk_size)
+            process_group, backend, chunk_size)
         return finish(loss, row_max, row_mean, argmax, flat_mask, lead_shape, reduction, return_stats)

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import (accumulator, autotuned, dot_precision, head_logits_tile, interpreting, offsets64,
-                       on_device, pipelined_operands_bytes)
+from .tl_utils import (accumulator, autotuned, dot_precision, head_logits_tile, offsets64, pipelined_operands_bytes,
+                       row_major)
 
 DEFAULT_BLOCKS = (32, 64, 32)
 """(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (interpreter, fp64)."""
@@ -61,25 +61,25 @@ def backward_shared_bytes(config, element_size: int) -> int:
     return pipelined_operands_bytes(config, element_size) + 2 * blocks["BLOCK_M"] * blocks["BLOCK_V"] * element_size
 
 
-_ce_backward_tuned = autotuned(
+_CE_BACKWARD = autotuned(
     _ce_backward_kernel,
     [triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=s)
      for m, v, h, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 64, 32, 4, 3),
                            (64, 128, 32, 4, 3), (64, 64, 32, 4, 3)]],
-    key=["vocab_size", "dim"], shared_memory=backward_shared_bytes,
+    key=["vocab_size", "dim"], shared_memory=backward_shared_bytes, default_blocks=DEFAULT_BLOCKS,
     reset_to_zero=["grad_hidden", "grad_weight", "grad_bias"])
 
 
-def ce_gradients(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index, needs_hidden, needs_weight,
-                 needs_bias, *, blocks=None):
-    """``(grad_hidden, grad_weight, grad_bias)`` of the summed per-token cross-entropy weighted by ``grad``; None
-    where not needed. ``lse`` is the forward's log-sum-exp; padded rows (``>= vocab_size``) get zero gradient.
+def ce_gradients(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size, needs_hidden,
+                 needs_weight, needs_bias, *, blocks=None):
+    """The Triton backend's ``ce_backward`` (:class:`ceu_kernels.contract.Backend`): ``(grad_hidden, grad_weight,
+    grad_bias)`` of the summed per-token cross-entropy weighted by ``grad``, None where not needed. ``lse`` is the
+    forward's log-sum-exp; padded rows (``>= vocab_size``) get zero gradient.
 
-    blocks: ``(BLOCK_M, BLOCK_V, BLOCK_H)``, each >= 16; default: autotuned on a GPU, ``DEFAULT_BLOCKS`` otherwise.
+    ``chunk_size`` is the contract's and ignored: the kernel tiles tokens itself. ``blocks``:
+    ``(BLOCK_M, BLOCK_V, BLOCK_H)``, each >= 16; default: autotuned on a GPU, ``DEFAULT_BLOCKS`` otherwise.
     """
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    hidden, weight, bias = row_major(hidden), row_major(weight), row_major(bias)
     labels, lse, grad = labels.contiguous(), lse.contiguous(), grad.contiguous()
     n_tokens, dim = hidden.shape
     acc_dtype, acc_tl = accumulator(hidden.dtype)
@@ -88,23 +88,16 @@ def ce_gradients(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_ind
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if needs_weight else None
     grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=device) if needs_bias else None
     if n_tokens and (needs_hidden or needs_weight or needs_bias):
-        if blocks is None and (hidden.dtype == torch.float64 or interpreting()):
-            blocks = DEFAULT_BLOCKS
-
         def grid(meta):
             return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * triton.cdiv(vocab_size, meta["BLOCK_V"]),)
 
-        args = (hidden, weight, hidden if bias is None else bias, labels, lse, grad,
-                *(lse.new_empty(0) if out is None else out for out in (grad_hidden, grad_weight, grad_bias)), n_tokens, vocab_size, dim, ignore_index,
-                hidden.stride(0), weight.stride(0))
+        outputs = (lse.new_empty(0) if out is None else out for out in (grad_hidden, grad_weight, grad_bias))
+        args = (hidden, weight, hidden if bias is None else bias, labels, lse, grad, *outputs, n_tokens, vocab_size,
+                dim, ignore_index, hidden.stride(0), weight.stride(0))
         flags = dict(HAS_BIAS=bias is not None, WRITE_HIDDEN=needs_hidden, WRITE_WEIGHT=needs_weight,
                      WRITE_BIAS=needs_bias, ACC=acc_tl, PRECISION=dot_precision(hidden.dtype), GROUP_M=GROUP_M)
-        with on_device(hidden):
-            if blocks is None:
-                _ce_backward_tuned[grid](*args, **flags)
-            else:
-                block_m, block_v, block_h = blocks
-                _ce_backward_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_H=block_h)
+        _CE_BACKWARD.launch(grid, args, flags, _CE_BACKWARD.blocks(blocks, fixed=hidden.dtype == torch.float64),
+                            hidden)
     grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
     grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
     grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)

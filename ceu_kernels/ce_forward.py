@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import (accumulator, autotuned, dot_precision, interpreting, logits_tile, offsets64, on_device,
-                       pipelined_operands_bytes)
+from .tl_utils import (accumulator, autotuned, dot_precision, logits_tile, offsets64, pipelined_operands_bytes,
+                       row_major)
 
 DEFAULT_BLOCKS = (32, 64, 32)
 """(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (interpreter, fp64)."""
@@ -51,12 +51,12 @@ def _ce_forward_kernel(hidden, weight, bias, labels, partial_max, partial_sum, t
     tl.store(target_logit + rows, target, mask=row_ok & (label >= v_start) & (label < v_stop))
 
 
-_ce_forward_tuned = autotuned(
+_CE_FORWARD = autotuned(
     _ce_forward_kernel,
     [triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=s)
      for m, v, h, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 3),
                            (64, 128, 32, 4, 4)]],
-    key=["vocab_size", "dim"], shared_memory=pipelined_operands_bytes)
+    key=["vocab_size", "dim"], shared_memory=pipelined_operands_bytes, default_blocks=DEFAULT_BLOCKS)
 
 
 def vocab_splits(n_tokens: int, vocab_size: int, device: torch.device, align: int) -> tuple[int, int]:
@@ -71,18 +71,15 @@ def vocab_splits(n_tokens: int, vocab_size: int, device: torch.device, align: in
     return triton.cdiv(vocab_size, span), span
 
 
-def ce_token_losses(hidden, weight, bias, labels, vocab_size, ignore_index, *, blocks=None, n_splits=None):
-    """Per-token cross-entropy (0 where ``labels == ignore_index``) and the log-sum-exp, both float32 (float64 for
-    float64 inputs).
+def ce_token_losses(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size=None, *, blocks=None):
+    """The Triton backend's ``ce_forward`` (:class:`ceu_kernels.contract.Backend`): per-token cross-entropy (0 where
+    ``labels == ignore_index``) and the log-sum-exp, both float32 (float64 for float64 inputs).
 
-    Args:
-        hidden ``[N, H]``, weight ``[V, H]``, bias ``[V] | None``, labels ``[N]`` int64/int32.
-        blocks: ``(BLOCK_M, BLOCK_V, BLOCK_H)``, each >= 16; default: autotuned on a GPU, ``DEFAULT_BLOCKS`` otherwise.
-        n_splits: number of vocabulary splits (rounded so that splits fall on vocab-tile boundaries).
+    ``chunk_size`` is the contract's and ignored: the kernel tiles tokens itself. ``blocks``:
+    ``(BLOCK_M, BLOCK_V, BLOCK_H)``, each >= 16; default: autotuned on a GPU, ``DEFAULT_BLOCKS`` otherwise. The
+    vocabulary is cut into :func:`vocab_splits`, on multiples of ``BLOCK_V`` when the blocks are explicit.
     """
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    hidden, weight, bias = row_major(hidden), row_major(weight), row_major(bias)
     labels = labels.contiguous()
     n_tokens, dim = hidden.shape
     acc_dtype, acc_tl = accumulator(hidden.dtype)
@@ -91,14 +88,8 @@ def ce_token_losses(hidden, weight, bias, labels, vocab_size, ignore_index, *, b
         empty = torch.empty(0, dtype=acc_dtype, device=device)
         return empty, empty.clone()
 
-    if blocks is None and (hidden.dtype == torch.float64 or interpreting()):
-        blocks = DEFAULT_BLOCKS
-    align = SPLIT_ALIGN if blocks is None else blocks[1]
-    if n_splits is None:
-        n_splits, span = vocab_splits(n_tokens, vocab_size, device, align)
-    else:
-        span = triton.cdiv(triton.cdiv(vocab_size, n_splits), align) * align
-        n_splits = triton.cdiv(vocab_size, span)
+    blocks = _CE_FORWARD.blocks(blocks, fixed=hidden.dtype == torch.float64)
+    n_splits, span = vocab_splits(n_tokens, vocab_size, device, SPLIT_ALIGN if blocks is None else blocks[1])
     partial_max = torch.empty(n_splits, n_tokens, dtype=acc_dtype, device=device)
     partial_sum = torch.empty_like(partial_max)
     target_logit = torch.zeros(n_tokens, dtype=acc_dtype, device=device)
@@ -109,12 +100,7 @@ def ce_token_losses(hidden, weight, bias, labels, vocab_size, ignore_index, *, b
     args = (hidden, weight, hidden if bias is None else bias, labels, partial_max, partial_sum, target_logit,
             n_tokens, vocab_size, dim, span, hidden.stride(0), weight.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACC=acc_tl, PRECISION=dot_precision(hidden.dtype))
-    with on_device(hidden):
-        if blocks is None:
-            _ce_forward_tuned[grid](*args, **flags)
-        else:
-            block_m, block_v, block_h = blocks
-            _ce_forward_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_H=block_h)
+    _CE_FORWARD.launch(grid, args, flags, blocks, hidden)
 
     top = partial_max.max(0).values
     lse = top + (partial_sum * (partial_max - top).exp()).sum(0).log()

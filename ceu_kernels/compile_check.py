@@ -92,11 +92,8 @@ def _launch_paths(full: bool):
     gradient_sets = [(True, True, False), (True, False, False), (False, True, False), (True, True, True)]
     gradient_sets = gradient_sets if full else gradient_sets[:1]
     for precision, bias in itertools.product(PRECISIONS, biases):
-        combines = (None, "packed", "partials") if full and precision != "fp64" else (None,)
-        for combine in combines:
-            yield (f"lmf_row_stats bias={bias} combine={combine}", precision,
-                   lambda t, bias=bias, combine=combine: lmf_row_stats(t.hidden, t.weight, t.bias(bias), VOCAB_SIZE,
-                                                                       combine=combine))
+        yield (f"lmf_row_stats bias={bias}", precision,
+               lambda t, bias=bias: lmf_row_stats(t.hidden, t.weight, t.bias(bias), VOCAB_SIZE))
         yield (f"ce_token_losses bias={bias}", precision,
                lambda t, bias=bias: ce_token_losses(t.hidden, t.weight, t.bias(bias), t.labels, VOCAB_SIZE, -100))
         for needs in gradient_sets:
@@ -104,7 +101,7 @@ def _launch_paths(full: bool):
                 continue
             yield (f"ce_gradients bias={bias} needs={needs}", precision,
                    lambda t, bias=bias, needs=needs: ce_gradients(t.grad, t.lse, t.hidden, t.weight, t.bias(bias),
-                                                                  t.labels, VOCAB_SIZE, -100, *needs))
+                                                                  t.labels, VOCAB_SIZE, -100, None, *needs))
     # The LMF backward has no tl.dot: matmul precision does not matter, the input dtype does.
     for precision in ("fp16", "bf16", "fp32-ieee", "fp64") if full else ("fp16", "fp32-ieee"):
         for needs, deterministic in itertools.product(gradient_sets, (False, True)):

@@ -4,12 +4,13 @@ The kernels are the compiled extension ``ceu_kernels._C``, built by ``pip instal
 torch has CUDA and ``nvcc`` and ``ninja`` are present. An install without it can compile the same sources on first use:
 call :func:`build_jit` or set ``CEU_CUDA_JIT=1`` (needs a source checkout, ``nvcc`` and ``ninja``).
 
-The four backend functions follow :mod:`ceu.chunked`. The LMF forward and the cross-entropy forward run one GEMM per
-token chunk into a buffer reused across chunks and bounded by ``CHUNK_BUDGET_BYTES`` (or ``chunk_size`` tokens), then
-one kernel reads the chunk once. The cross-entropy backward tiles tokens x vocabulary under the same bound, all tokens
-per tile when a wide enough vocabulary slice fits, so each slice of ``dW`` is written by one GEMM instead of being
-re-read and re-written once per token chunk. A half-precision gradient summed over several tiles accumulates in
-float32 inside cuBLAS through ``torch.mm``/``torch.addmm(..., out_dtype=torch.float32)`` (present in torch 2.11).
+The four backend functions follow :class:`ceu_kernels.contract.Backend`. The LMF forward and the cross-entropy
+forward run one GEMM per token chunk into a buffer reused across chunks and bounded by ``CHUNK_BUDGET_BYTES`` (or
+``chunk_size`` tokens), then one kernel reads the chunk once. The cross-entropy backward tiles tokens x vocabulary
+under the same bound, all tokens per tile when a wide enough vocabulary slice fits, so each slice of ``dW`` is written
+by one GEMM instead of being re-read and re-written once per token chunk. A half-precision gradient summed over
+several tiles accumulates in float32 inside cuBLAS through ``torch.mm``/``torch.addmm(..., out_dtype=torch.float32)``
+(present in torch 2.11).
 """
 import importlib
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ceu.chunked import chunk_rows, stat_dtype
+from .contract import chunk_rows, stat_dtype
 
 BUILD_HINT = ("build it where torch has CUDA and nvcc and ninja are installed, with "
               "`pip install --no-build-isolation -e .` in the source checkout, or compile it on first use with "
@@ -112,7 +113,7 @@ def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
 
 
 def lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hidden, needs_weight, needs_bias):
-    """Closed-form LMF gradients from ``coef = dloss/d(max - mean)`` per token (see :func:`ceu.chunked.lmf_backward`).
+    """Closed-form LMF gradients from ``coef = dloss/d(max - mean)`` per token (see the contract).
 
     ``dW`` accumulates in the math dtype only on the rows some token picked: each picked row gets a compact slot.
     """

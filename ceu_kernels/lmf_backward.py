@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import accumulator, offsets64, on_device
+from .tl_utils import accumulator, offsets64, on_device, row_major
 
 DEFAULT_BLOCKS = (32, 64, 64)
 """(BLOCK_M tokens, BLOCK_V vocab rows, BLOCK_H hidden) of the backward kernels."""
@@ -164,7 +164,8 @@ def _scatter_kernel(coef, argmax, hidden, grad_weight, grad_bias, n_tokens, voca
 
 def lmf_gradients(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hidden, needs_weight, needs_bias,
                   *, deterministic=None, blocks=None):
-    """``(grad_hidden, grad_weight, grad_bias)``, None where not needed; same conventions as ``ceu.chunked``.
+    """The Triton backend's ``lmf_backward`` (:class:`ceu_kernels.contract.Backend`): ``(grad_hidden, grad_weight,
+    grad_bias)``, None where not needed.
 
     Args:
         coef ``[N]`` (float32, float64 for float64 inputs), argmax ``[N]`` int64, hidden ``[N, H]``,
@@ -176,8 +177,7 @@ def lmf_gradients(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_h
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     block_m, block_v, block_h = blocks or DEFAULT_BLOCKS
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    hidden, weight = row_major(hidden), row_major(weight)
     coef, argmax, weight_mean = coef.contiguous(), argmax.contiguous(), weight_mean.contiguous()
     n_tokens, dim = hidden.shape
     n_rows = weight.shape[0]

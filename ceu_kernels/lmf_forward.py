@@ -2,38 +2,36 @@
 
 One program per (token tile, vocab tile) runs the GEMM tile in fp32 (fp64 for fp64 inputs) and reduces each row of
 it to (max, first argmax) in the epilogue; the logits never reach memory. Vocab tiles are combined exactly and
-deterministically in one of two ways:
+deterministically, by dtype:
 
-* ``"packed"`` (default below fp64): each tile row ``atomic_max``-es a 64-bit word holding the float32 max in its high
-  bits and ``2**32 - 1 - index`` in its low bits, so ties keep the lowest index whatever the order of the atomics.
-  Extra memory: 8 bytes per token.
-* ``"partials"`` (fp64, whose max does not fit in 32 bits): each tile writes its (max, argmax) to a
+* packed (below fp64): each tile row ``atomic_max``-es a 64-bit word holding the float32 max in its high bits and
+  ``2**32 - 1 - index`` in its low bits, so ties keep the lowest index whatever the order of the atomics. Extra
+  memory: 8 bytes per token.
+* partials (fp64, whose max does not fit in 32 bits): each tile writes its (max, argmax) to a
   ``[n_vocab_tiles, tokens]`` buffer and ``argmax`` over tiles (first tile on ties) picks the winner.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import (INT64_MIN, accumulator, autotuned, dot_precision, head_logits_tile, interpreting, offsets64,
-                       on_device, pack_max_index, pipelined_operands_bytes, row_max_first_index, unpack_max_index)
+from .tl_utils import (INT64_MIN, accumulator, autotuned, dot_precision, head_logits_tile, offsets64,
+                       pack_max_index, pipelined_operands_bytes, row_major, row_max_first_index, unpack_max_index)
 
 DEFAULT_BLOCKS = (64, 64, 32)
-"""(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (the interpreter, and the
-"partials" combine, whose buffer is sized by BLOCK_V). 64 token rows: the least a Hopper warpgroup's wgmma takes."""
+"""(BLOCK_M tokens, BLOCK_V vocab, BLOCK_H hidden) when none is given and autotuning is off (the interpreter, and
+fp64, whose partials buffer is sized by BLOCK_V). 64 token rows: the least a Hopper warpgroup's wgmma takes."""
 GROUP_M = 8
 
 
 @triton.jit
-def _lmf_forward_kernel(hidden, weight, bias, packed, partial_max, partial_arg, row_sums,
+def _lmf_forward_kernel(hidden, weight, bias, packed, partial_max, partial_arg,
                         n_tokens, vocab_size, dim, stride_hidden, stride_weight,
-                        HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, ROW_SUMS: tl.constexpr, ACC: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                         BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr):
     rows, cols, row_ok, col_ok, tile_v, logits = head_logits_tile(
         hidden, weight, bias, n_tokens, vocab_size, dim, stride_hidden, stride_weight, HAS_BIAS, ACC, PRECISION,
         BLOCK_M, BLOCK_V, BLOCK_H, GROUP_M)
-    if ROW_SUMS:
-        tl.atomic_add(row_sums + rows, tl.sum(tl.where(col_ok[None, :], logits, 0.0), axis=1), mask=row_ok)
     logits = tl.where(col_ok[None, :], logits, float("-inf"))
     tile_max, tile_arg = row_max_first_index(logits, cols)
     if PACKED:
@@ -44,67 +42,47 @@ def _lmf_forward_kernel(hidden, weight, bias, packed, partial_max, partial_arg, 
         tl.store(partial_arg + slot, tile_arg, mask=row_ok)
 
 
-_lmf_forward_tuned = autotuned(
+_LMF_FORWARD = autotuned(
     _lmf_forward_kernel,
     [triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=s)
      for m, v, h, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
                            (128, 128, 32, 8, 4), (64, 128, 32, 4, 4)]],
-    key=["vocab_size", "dim"], shared_memory=pipelined_operands_bytes, restore_value=["packed", "row_sums"])
+    key=["vocab_size", "dim"], shared_memory=pipelined_operands_bytes, default_blocks=DEFAULT_BLOCKS,
+    restore_value=["packed"])
 
 
-def lmf_row_stats(hidden, weight, bias, vocab_size, *, blocks=None, combine=None, with_row_sums=False):
-    """Per-token (max, first argmax) of the head's logits over the first ``vocab_size`` rows of ``weight``.
+def lmf_row_stats(hidden, weight, bias, vocab_size, chunk_size=None, *, blocks=None):
+    """The Triton backend's ``lmf_forward`` (:class:`ceu_kernels.contract.Backend`): per-token (max, first argmax)
+    of the head's logits over the first ``vocab_size`` rows of ``weight``, as float32 (float64 for float64 inputs)
+    and int64.
 
-    Args:
-        hidden ``[N, H]``, weight ``[V, H]``, bias ``[V] | None``: same dtype and device.
-        blocks: ``(BLOCK_M, BLOCK_V, BLOCK_H)``, each >= 16; default: autotuned on a GPU, ``DEFAULT_BLOCKS`` otherwise.
-        combine: ``"packed"`` or ``"partials"`` (see the module docstring); default by dtype.
-        with_row_sums: also return the per-row sum of the logits (atomic, so not bitwise repeatable; a cross-check).
-
-    Returns:
-        ``max`` (float32, float64 for float64 inputs), ``argmax`` (int64), and the row sums if asked.
+    ``chunk_size`` is the contract's and ignored: the kernel tiles tokens itself. ``blocks``:
+    ``(BLOCK_M, BLOCK_V, BLOCK_H)``, each >= 16; default: autotuned on a GPU, ``DEFAULT_BLOCKS`` otherwise.
     """
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    hidden, weight, bias = row_major(hidden), row_major(weight), row_major(bias)
     n_tokens, dim = hidden.shape
     acc_dtype, acc_tl = accumulator(hidden.dtype)
-    combine = combine or ("partials" if hidden.dtype == torch.float64 else "packed")
-    if combine not in ("packed", "partials"):
-        raise ValueError(f"combine must be 'packed' or 'partials', got {combine!r}")
-    if combine == "packed" and hidden.dtype == torch.float64:
-        raise ValueError("combine='packed' keeps a float32 max, which cannot rank float64 logits: use 'partials'")
     device = hidden.device
-    row_sums = torch.zeros(n_tokens if with_row_sums else 0, dtype=acc_dtype, device=device)
     if n_tokens == 0:
-        empty = torch.empty(0, dtype=acc_dtype, device=device)
-        return (empty, torch.empty(0, dtype=torch.int64, device=device)) + ((row_sums,) if with_row_sums else ())
+        return torch.empty(0, dtype=acc_dtype, device=device), torch.empty(0, dtype=torch.int64, device=device)
 
-    if blocks is None and (combine == "partials" or interpreting()):  # partials are sized by BLOCK_V
-        blocks = DEFAULT_BLOCKS
-    packed = torch.full((n_tokens if combine == "packed" else 0,), INT64_MIN, dtype=torch.int64, device=device)
-    n_vocab_tiles = triton.cdiv(vocab_size, blocks[1]) if combine == "partials" else 0
+    packed = hidden.dtype != torch.float64  # a float64 max does not fit the packed word
+    blocks = _LMF_FORWARD.blocks(blocks, fixed=not packed)  # the partials buffer is sized by BLOCK_V
+    packed_max = torch.full((n_tokens if packed else 0,), INT64_MIN, dtype=torch.int64, device=device)
+    n_vocab_tiles = 0 if packed else triton.cdiv(vocab_size, blocks[1])
     partial_max = torch.empty(n_vocab_tiles, n_tokens, dtype=acc_dtype, device=device)
     partial_arg = torch.empty(n_vocab_tiles, n_tokens, dtype=torch.int32, device=device)
 
     def grid(meta):
         return (triton.cdiv(n_tokens, meta["BLOCK_M"]) * triton.cdiv(vocab_size, meta["BLOCK_V"]),)
 
-    args = (hidden, weight, hidden if bias is None else bias, packed, partial_max, partial_arg, row_sums,
+    args = (hidden, weight, hidden if bias is None else bias, packed_max, partial_max, partial_arg,
             n_tokens, vocab_size, dim, hidden.stride(0), weight.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, PACKED=combine == "packed", ROW_SUMS=with_row_sums, ACC=acc_tl,
-                 PRECISION=dot_precision(hidden.dtype), GROUP_M=GROUP_M)
-    with on_device(hidden):
-        if blocks is None:
-            _lmf_forward_tuned[grid](*args, **flags)
-        else:
-            block_m, block_v, block_h = blocks
-            _lmf_forward_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_H=block_h)
+    flags = dict(HAS_BIAS=bias is not None, PACKED=packed, ACC=acc_tl, PRECISION=dot_precision(hidden.dtype),
+                 GROUP_M=GROUP_M)
+    _LMF_FORWARD.launch(grid, args, flags, blocks, hidden)
 
-    if combine == "packed":
-        row_max, argmax = unpack_max_index(packed)
-    else:
-        best_tile = partial_max.argmax(0, keepdim=True)
-        row_max = partial_max.gather(0, best_tile).squeeze(0)
-        argmax = partial_arg.gather(0, best_tile).squeeze(0).long()
-    return (row_max, argmax) + ((row_sums,) if with_row_sums else ())
+    if packed:
+        return unpack_max_index(packed_max)
+    best_tile = partial_max.argmax(0, keepdim=True)
+    return partial_max.gather(0, best_tile).squeeze(0), partial_arg.gather(0, best_tile).squeeze(0).long()

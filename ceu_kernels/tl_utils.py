@@ -1,30 +1,61 @@
 """Helpers shared by the Triton kernels: the logits-tile GEMM, tile scheduling, first-index max, 64-bit offsets,
-and the launch-side choices (dot precision, accumulator dtype, interpreter-aware autotuning)."""
+and the launch side (:class:`GemmKernel`, one launch path for every GEMM kernel: explicit blocks or autotuned,
+interpreter-aware; dot precision, accumulator dtype, row-major inputs)."""
 import contextlib
-import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .contract import interpreting, stat_dtype
+
 INT64_MIN = -(2**63)
 """Initial value of a packed (max, index) word: below every real packed key."""
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+@dataclass(frozen=True)
+class GemmKernel:
+    """A kernel whose tiles are the constexprs ``BLOCK_M`` (tokens), ``BLOCK_V`` (vocabulary), ``BLOCK_H`` (hidden),
+    with its autotuned twin (None under the interpreter, where autotune fails) and the blocks used without it.
+    Every launcher runs its GEMM kernel through :meth:`launch`."""
+
+    kernel: triton.JITFunction
+    tuned: object
+    default_blocks: tuple[int, int, int]
+
+    def blocks(self, blocks: tuple[int, int, int] | None, fixed: bool = False) -> tuple[int, int, int] | None:
+        """The blocks a launch will use, None for autotuned: ``blocks`` when given, else ``default_blocks`` when
+        there is no autotuning (the interpreter) or the launch is ``fixed`` (its buffers are sized by the blocks, or
+        its dtype is not tuned), else None."""
+        if blocks is None and (fixed or self.tuned is None):
+            return self.default_blocks
+        return blocks
+
+    def launch(self, grid, args: tuple, flags: dict, blocks: tuple[int, int, int] | None, device_of: torch.Tensor):
+        """Run the kernel on ``device_of``'s device over ``grid(meta)``: with explicit ``blocks``, or autotuned."""
+        with on_device(device_of):
+            if blocks is None:
+                self.tuned[grid](*args, **flags)
+            else:
+                block_m, block_v, block_h = blocks
+                self.kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_H=block_h)
 
 
-def autotuned(kernel, configs, key, shared_memory, **options):
-    """``kernel`` under ``triton.autotune`` on a GPU; the plain kernel under the interpreter, where autotune fails.
+def row_major(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` with unit stride along its last dimension (copied only if needed), the kernels' one layout rule."""
+    return tensor if tensor is None or tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def autotuned(kernel, configs, key, shared_memory, default_blocks, **options) -> GemmKernel:
+    """``kernel`` with a ``triton.autotune`` twin on a GPU, and none under the interpreter, where autotune fails.
 
     ``shared_memory(config, element_size)`` bounds a config's shared memory from above; the autotuner only tries the
     configs that fit the launch device (a config that does not would be timed as infinitely slow or, when none fits,
     make the launch raise), and the configs are chosen so that one fits every dtype on an A100 or an H100.
     """
     if interpreting():
-        return kernel
+        return GemmKernel(kernel, None, default_blocks)
 
     def fitting(configs, named_args, **_):
         limit = shared_memory_limit(named_args["hidden"].device)
@@ -35,7 +66,8 @@ def autotuned(kernel, configs, key, shared_memory, **options):
                                f"{element_size}-byte inputs")
         return fits
 
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": fitting}, **options)(kernel)
+    tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": fitting}, **options)(kernel)
+    return GemmKernel(kernel, tuned, default_blocks)
 
 
 def pipelined_operands_bytes(config, element_size: int) -> int:
@@ -63,8 +95,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    """The statistics/accumulator dtype for inputs of ``dtype``: float64 for float64, float32 otherwise."""
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+    """:func:`ceu_kernels.contract.stat_dtype` for inputs of ``dtype``, as a torch and a Triton dtype."""
+    acc = stat_dtype(dtype)
+    return acc, (tl.float64 if acc == torch.float64 else tl.float32)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ def device_impls() -> list[tuple[str, str]]:
     for device in devices:
         for impl in ("torch", "triton", "cuda"):
             try:
-                backends.resolve(impl, torch.device(device))
+                backends.choose(impl, torch.device(device))
             except RuntimeError:
                 continue
             pairs.append((device, impl))

@@ -1,7 +1,7 @@
 """The CUDA C++ backend (impl="cuda"): dispatch and loader errors, its host-side chunk and tile loops, its kernels.
 
 On CPU the compiled kernels are replaced by ``TorchKernels``, their pure-PyTorch twins, so the chunking, tiling and
-accumulation logic of ``ceu_kernels.cuda`` is checked against ``ceu.chunked`` without a GPU. Where CUDA and the built
+accumulation logic of ``ceu_kernels.cuda`` is checked against ``ceu_kernels.chunked`` without a GPU. Where CUDA and the built
 extension are present, each kernel is checked against its twin and ``impl="cuda"`` end to end against the float64
 reference.
 """
@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import ceu
-from ceu import backends, chunked
-from ceu_kernels import cuda
+from ceu import backends
+from ceu_kernels import chunked, cuda
+from ceu_kernels.contract import chunk_rows, stat_dtype
 from helpers import DTYPES, assert_no_worse_than_eager, grads, head_inputs, leaf, planted_integer_ties, random_mask
 
 
@@ -107,7 +108,7 @@ def test_cpu_tensors_are_refused_with_a_clear_error():
 
 def test_missing_extension_error_says_how_to_build(missing_extension):
     with pytest.raises(RuntimeError, match="ceu_kernels._C") as error:
-        backends.resolve("cuda", torch.device("cuda"))
+        backends.choose("cuda", torch.device("cuda"))
     message = str(error.value)
     assert "pip install --no-build-isolation -e ." in message and "CEU_CUDA_JIT=1" in message
     assert "impl='torch'" in message
@@ -128,13 +129,7 @@ def test_jit_build_needs_the_sources(monkeypatch, tmp_path):
         cuda.build_jit()
 
 
-def test_backend_functions_match_the_chunked_interface():
-    import inspect
-    for name in ("lmf_forward", "lmf_backward", "ce_forward", "ce_backward"):
-        assert inspect.signature(getattr(cuda, name)) == inspect.signature(getattr(chunked, name)), name
-
-
-# --- host-side loops against ceu.chunked, kernels replaced by their torch twins (CPU) ---
+# --- host-side loops against ceu_kernels.chunked, kernels replaced by their torch twins (CPU) ---
 
 # (tokens, H, V, vocab_size): ragged everywhere, a padded vocabulary, and an empty batch.
 HOST_SHAPES = [(37, 20, 300, 290), (5, 8, 40, None), (0, 8, 40, 33)]
@@ -202,7 +197,7 @@ def test_backward_tiles_stay_within_the_chunk_budget():
     """Every tile holds at most as many logits as a forward chunk, and all tokens at once where that is possible."""
     for chunk_size, n_tokens, vocab_size in [(None, 8192, 128256), (4, 37, 290), (1, 5, 40), (None, 10**6, 50000)]:
         rows, cols = cuda._backward_tiles(chunk_size, n_tokens, vocab_size, 2)
-        budget = chunked.chunk_rows(chunk_size, vocab_size, 2) * vocab_size
+        budget = chunk_rows(chunk_size, vocab_size, 2) * vocab_size
         assert rows * cols <= max(budget, cuda.MIN_VOCAB_TILE) and 1 <= cols <= vocab_size and 1 <= rows <= n_tokens
     assert cuda._backward_tiles(None, 8192, 128256, 2)[0] == 8192
 
@@ -235,7 +230,7 @@ def logits_with_ties(rows, cols, dtype, seed=0):
 def test_row_reductions_match_twins(dtype, cols, shift):
     rows = 9
     logits = unaligned(logits_with_ties(rows, cols, dtype).cuda(), shift)
-    acc = chunked.stat_dtype(dtype)
+    acc = stat_dtype(dtype)
     outputs = {}
     for name, ops in (("kernel", cuda.kernels()), ("twin", TorchKernels)):
         row_max, row_sum = logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
@@ -270,7 +265,7 @@ def test_row_reductions_match_twins(dtype, cols, shift):
 def test_lmf_backward_kernels_match_twins(dtype, hidden_size):
     n_tokens, vocab, vocab_size = 300, 1000, 990
     hidden, weight, _ = head_inputs(n_tokens, hidden_size, vocab, dtype, "cuda")
-    acc = chunked.stat_dtype(dtype)
+    acc = stat_dtype(dtype)
     argmax = torch.randint(0, 40, (n_tokens,), device="cuda")  # many tokens share a row
     coef = torch.randn(n_tokens, device="cuda", dtype=acc)
     coef[::5] = 0

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ceu
-from ceu import backends
+from ceu_kernels import contract
 from helpers import device_impls, grads, head_inputs, leaf
 
 DEVICE_IMPLS = device_impls()
@@ -135,11 +135,11 @@ NON_FINITE_WARNINGS = pytest.mark.filterwarnings("ignore:invalid value encounter
 
 @NON_FINITE_WARNINGS
 @pytest.mark.skipif(not any(impl == "triton" for _, impl in DEVICE_IMPLS), reason="Triton is not available")
-@pytest.mark.parametrize("combine,dtype", [("packed", torch.float32), ("partials", torch.float32),
-                                           ("partials", torch.float64)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("nan_weight_row", [False, True], ids=["finite_weight", "nan_weight_row_58"])
-def test_lmf_row_stats_nan_and_inf_rows(combine, dtype, nan_weight_row):
-    """The Triton forward in both combine modes, several vocab tiles: a NaN row gives NaN at its first NaN even when
+def test_lmf_row_stats_nan_and_inf_rows(dtype, nan_weight_row):
+    """The Triton forward in both ways of combining tiles (packed word for float32, partials for float64), several
+    vocab tiles: a NaN row gives NaN at its first NaN even when
     +inf is in an earlier tile (the packed key of NaN is above +inf's), a row of -inf gives index 0, ties of +inf
     the lower index, the NaN padded rows never count, and every argmax is a real row."""
     from ceu_kernels.lmf_forward import lmf_row_stats
@@ -149,7 +149,7 @@ def test_lmf_row_stats_nan_and_inf_rows(combine, dtype, nan_weight_row):
     if nan_weight_row:  # a NaN logit at 58 in every row: the finite rows' argmax moves to a later tile
         weight[58, 0] = NAN
     hidden, weight = hidden.to(device), weight.to(device)
-    row_max, argmax = lmf_row_stats(hidden, weight, None, vocab_size, blocks=(16, 16, 16), combine=combine)
+    row_max, argmax = lmf_row_stats(hidden, weight, None, vocab_size, blocks=(16, 16, 16))
     expected = torch_max_on_float64(hidden, weight, None, vocab_size)
     assert ((argmax >= 0) & (argmax < vocab_size)).all()
     assert torch.equal(argmax, expected[1])
@@ -216,7 +216,7 @@ def test_lmf_backward_never_dereferences_a_bad_argmax(device, impl, deterministi
     valid = (argmax >= 0) & (argmax < vocab_size)
     coef = torch.linspace(-1.0, 1.5, n_tokens, device=device)
     weight_mean = weight[:vocab_size].mean(0)
-    backend = backends.resolve(impl, torch.device(device))
+    backend = contract.load(impl)
     options = {"deterministic": deterministic} if impl == "triton" else {}
     grad_hidden, grad_weight, grad_bias = backend.lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size,
                                                                True, True, True, **options)

@@ -11,18 +11,20 @@ from torch.utils._pytree import tree_leaves
 pytest.importorskip("triton")
 
 import ceu  # noqa: E402
-from ceu import backends, chunked  # noqa: E402
+from ceu import backends  # noqa: E402
+from ceu_kernels import chunked  # noqa: E402
+from ceu_kernels.contract import stat_dtype  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 try:
-    backends.resolve("triton", torch.device(DEVICE))
+    backends.choose("triton", torch.device(DEVICE))
 except RuntimeError as error:
     pytest.skip(str(error), allow_module_level=True)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ceu_kernels import tl_utils  # noqa: E402
+from ceu_kernels import ce_forward, tl_utils  # noqa: E402
 from ceu_kernels.ce_backward import ce_gradients  # noqa: E402
 from ceu_kernels.ce_forward import ce_token_losses  # noqa: E402
 from ceu_kernels.lmf_backward import lmf_gradients  # noqa: E402
@@ -88,13 +90,11 @@ def planted_ties(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("combine", ["packed", "partials"])
-def test_planted_ties_across_vocab_tiles_pick_first_index(dtype, combine):
-    if dtype == torch.float64 and combine == "packed":
-        pytest.skip("a float64 max does not fit the packed word; float64 always uses partials")
+def test_planted_ties_across_vocab_tiles_pick_first_index(dtype):
+    """Both ways of combining vocab tiles: the packed atomic word (fp32, fp16) and the partials (fp64)."""
     hidden, weight = planted_ties(dtype)
     bias = torch.full((VOCAB,), 0.25, dtype=dtype, device=DEVICE)
-    row_max, argmax = lmf_row_stats(hidden, weight, bias, VOCAB_SIZE, blocks=SMALL_BLOCKS, combine=combine)
+    row_max, argmax = lmf_row_stats(hidden, weight, bias, VOCAB_SIZE, blocks=SMALL_BLOCKS)
     expected_max, expected_arg = logits64(hidden, weight, bias).max(dim=1)
     assert torch.equal(argmax.cpu(), expected_arg.cpu())
     assert_close("max", row_max, expected_max, dtype)
@@ -103,28 +103,13 @@ def test_planted_ties_across_vocab_tiles_pick_first_index(dtype, combine):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("blocks", [SMALL_BLOCKS, (32, 64, 32)], ids=str)
-def test_row_max_argmax_and_sums_match_torch(dtype, blocks):
+def test_row_max_argmax_match_torch(dtype, blocks):
     hidden, weight, bias = head(dtype)
-    combine = "partials" if dtype == torch.float64 else "packed"
-    row_max, argmax, row_sums = lmf_row_stats(hidden, weight, bias, VOCAB_SIZE, blocks=blocks, combine=combine,
-                                              with_row_sums=True)
-    logits = logits64(hidden, weight, bias)
-    expected_max, expected_arg = logits.max(dim=1)
-    assert row_max.dtype == chunked.stat_dtype(dtype) and argmax.dtype == torch.int64
+    row_max, argmax = lmf_row_stats(hidden, weight, bias, VOCAB_SIZE, blocks=blocks)
+    expected_max, expected_arg = logits64(hidden, weight, bias).max(dim=1)
+    assert row_max.dtype == stat_dtype(dtype) and argmax.dtype == torch.int64
     assert torch.equal(argmax.cpu(), expected_arg.cpu())
-    tolerance_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert_close("max", row_max, expected_max, tolerance_dtype)
-    assert_close("row sums", row_sums, logits.sum(1), tolerance_dtype)
-    weight_mean = weight[:VOCAB_SIZE].sum(0, dtype=row_sums.dtype) / VOCAB_SIZE
-    mean_by_product = hidden.to(row_sums.dtype) @ weight_mean + bias[:VOCAB_SIZE].sum(dtype=row_sums.dtype) / VOCAB_SIZE
-    assert_close("row sums / V vs h.w_mean + b_mean", row_sums / VOCAB_SIZE, mean_by_product, tolerance_dtype)
-
-
-def test_packed_and_partials_agree_bitwise():
-    hidden, weight, bias = head(torch.float32)
-    packed = lmf_row_stats(hidden, weight, bias, VOCAB_SIZE, blocks=SMALL_BLOCKS, combine="packed")
-    partials = lmf_row_stats(hidden, weight, bias, VOCAB_SIZE, blocks=SMALL_BLOCKS, combine="partials")
-    assert all(torch.equal(a, b) for a, b in zip(packed, partials))
+    assert_close("max", row_max, expected_max, stat_dtype(dtype))
 
 
 @triton.jit
@@ -186,7 +171,7 @@ def lmf_backward_inputs(dtype, n_tokens=N_TOKENS):
     """Coefficients (some zero, as for masked tokens) and argmaxes that crowd a few rows, so some segments are longer
     than a token block and several rows get no token."""
     hidden, weight, _ = head(dtype, n_tokens)
-    acc = chunked.stat_dtype(dtype)
+    acc = stat_dtype(dtype)
     generator = torch.Generator().manual_seed(2)
     coef = torch.randn(n_tokens, generator=generator, dtype=torch.float64).to(DEVICE, acc)
     coef[::5] = 0
@@ -294,16 +279,21 @@ def labels_for(n_tokens, ignore_index=-100, seed=4):
 
 @pytest.mark.parametrize("dtype,n_splits,ignore_index", [(torch.float32, 1, -100), (torch.float32, 100, 5),
                                                          (torch.float16, 3, -100), (torch.float64, 3, 5)], ids=str)
-def test_ce_kernels_match_float64_across_splits_and_tiles(dtype, n_splits, ignore_index):
+def test_ce_kernels_match_float64_across_splits_and_tiles(dtype, n_splits, ignore_index, monkeypatch):
+    """One vocabulary split, one per vocab tile (100 asked for), and a few: the per-split (max, sum) merge."""
+    def splits(n_tokens, vocab_size, device, align):
+        span = triton.cdiv(triton.cdiv(vocab_size, n_splits), align) * align
+        return triton.cdiv(vocab_size, span), span
+
+    monkeypatch.setattr(ce_forward, "vocab_splits", splits)
     hidden, weight, bias = head(dtype)
     labels = labels_for(N_TOKENS, ignore_index)
-    per_token, lse = ce_token_losses(hidden, weight, bias, labels, VOCAB_SIZE, ignore_index, blocks=SMALL_BLOCKS,
-                                     n_splits=n_splits)
+    per_token, lse = ce_token_losses(hidden, weight, bias, labels, VOCAB_SIZE, ignore_index, blocks=SMALL_BLOCKS)
     logits = logits64(hidden, weight, bias)
     valid = labels != ignore_index
     expected = torch.where(valid, F.cross_entropy(logits, torch.where(valid, labels, 0), reduction="none"), 0.0)
     tolerance_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert per_token.dtype == lse.dtype == chunked.stat_dtype(dtype)
+    assert per_token.dtype == lse.dtype == stat_dtype(dtype)
     assert_close("per-token loss", per_token, expected, tolerance_dtype)
     assert_close("lse", lse, logits.logsumexp(1), tolerance_dtype)
 
@@ -313,7 +303,7 @@ def test_ce_kernels_match_float64_across_splits_and_tiles(dtype, n_splits, ignor
                                                    reduction="none"), 0.0)
     expected_grads = torch.autograd.grad(reference, leaves, upstream.to(DEVICE))
     got = ce_gradients(upstream.to(DEVICE, lse.dtype), lse, hidden, weight, bias, labels, VOCAB_SIZE, ignore_index,
-                       True, True, True, blocks=SMALL_BLOCKS)
+                       None, True, True, True, blocks=SMALL_BLOCKS)
     for name, g, ref in zip(("hidden", "weight", "bias"), got, expected_grads):
         assert g.dtype == dtype
         assert_close(f"grad {name}", g, ref, dtype)
@@ -407,9 +397,3 @@ def test_all_ignored_and_all_masked_batches_give_zero_with_zero_grads():
     assert total.item() == 0.0
     assert all(t.grad is not None and not t.grad.any() for t in leaves)
 
-
-def test_packed_combine_refuses_float64():
-    """The packed word holds a float32 max, which cannot rank float64 logits exactly."""
-    hidden, weight, bias = head(torch.float64)
-    with pytest.raises(ValueError, match="use 'partials'"):
-        lmf_row_stats(hidden, weight, bias, VOCAB_SIZE, combine="packed")
