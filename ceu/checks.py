@@ -1,9 +1,12 @@
 """Input validation shared by the fused losses: every error names the argument and what was expected."""
 import torch
 
+from ceu_kernels.contract import NAMES
+
 from .reference import REDUCTIONS
 
-IMPLS = ("auto", "torch", "triton", "cuda")
+IMPLS = ("auto", *NAMES)
+"""What ``impl=`` accepts: ``"auto"`` (:func:`ceu.backends.choose` picks) or a backend's name."""
 
 
 def _check_tensor(name: str, value, ndim: int | None = None) -> None:
