@@ -32,3 +32,9 @@ gpu-check:
 
 demo: venv
 	$(PY) -m ceu
+
+# After `make demo`: keep runs/unlearn/results.json as tests/fixtures/demo_results.json and rewrite the README's
+# generated blocks (demo table and headline, TOFU-log figures); a test checks the README against that file.
+.PHONY: readme-results
+readme-results: venv
+	$(PY) -m tools.readme_results --record runs/unlearn/results.json
