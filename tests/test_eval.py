@@ -70,8 +70,11 @@ def test_forget_quality_needs_one_forget_set():
 
 
 def test_rouge_l_recall():
-    scores = rouge_l_recall(["the cat sat", "nothing alike"], ["the cat sat on the mat", "the cat"])
-    assert scores == pytest.approx([0.5, 0.0])
+    """Recall against the reference (precision would give 1 for the first), with TOFU's Porter stemming: "he
+    writes books" against "he wrote a book" shares "he" and, stemmed only, "book" (2 of 4 reference tokens, else 1)."""
+    scores = rouge_l_recall(["the cat sat", "nothing alike", "he writes books"],
+                            ["the cat sat on the mat", "the cat", "he wrote a book"])
+    assert scores == pytest.approx([0.5, 0.0, 0.5])
 
 
 def test_headline_and_table():
