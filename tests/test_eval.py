@@ -146,7 +146,7 @@ def planted_log(ratios, paraphrased, spread, retain_ratios):
 
 
 def test_forget_quality_on_planted_truth_ratios_against_a_hand_computed_p_value():
-    """The model's forget-set statistics r = 0.2, 0.5, 3, 6, 10 against the retain-only model's 1.5, 2, 4, 8, 12:
+    """The model's forget-set statistics r = 0.2, 0.5, 3, 6, 10 against the retain-only model's 1.5, 2.5, 4, 8, 12:
     merged in order a a b b a b a b a b, the empirical CDFs differ by at most D = 2/5. Under the null all C(10, 5) = 252
     orderings are equally likely and D < 2/5 only for the 2^5 = 32 that never let one sample lead by 2, so the exact
     two-sided p-value is 220/252 = 55/63. Wrong inputs give other values: r folded to min(r, 1/r) (the forget-set truth
@@ -154,7 +154,7 @@ def test_forget_quality_on_planted_truth_ratios_against_a_hand_computed_p_value(
     loss alone 0.357, the last alone 1, the perturbed losses without the paraphrased one 0.357; D itself is 0.4."""
     model = planted_log([0.2, 0.5, 3.0, 6.0, 10.0], paraphrased=[2.0, 3.0, 0.1, 0.5, 1.0],
                         spread=[0.0, 3.0, 3.0, 3.0, 3.0], retain_ratios=[1.0, 2.0, 3.0, 4.0, 5.0])
-    retain_model = planted_log([1.5, 2.0, 4.0, 8.0, 12.0], paraphrased=[0.1, 1.0, 3.0, 2.0, 3.0],
+    retain_model = planted_log([1.5, 2.5, 4.0, 8.0, 12.0], paraphrased=[0.1, 1.0, 3.0, 2.0, 3.0],
                                spread=[0.0, 3.0, 0.0, 3.0, 3.0], retain_ratios=[1.0, 2.0, 3.0, 4.0, 5.0])
     assert truth_ratio_stat(model["forget10"]) == pytest.approx([0.2, 0.5, 3.0, 6.0, 10.0])
     assert forget_quality(model, retain_model) == pytest.approx(55 / 63, rel=1e-12)
