@@ -8,6 +8,8 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from ceu.config import CHOICES, METHOD, REFERENCE, TRAINING, UnlearnConfig, config_fields
+
 DESCRIPTION = """\
 Constrained entropic unlearning: make a language model forget a set of facts (flatten its logits on the forget set)
 while its loss on a retain set stays below a bound epsilon, by primal-dual optimisation. Losses are computed on the
@@ -29,6 +31,9 @@ LM head without materialising the logits.
 # Settings of the embedded default (a ~0.4M-parameter model learns much faster than a 7B one).
 EMBEDDED = dict(epochs=30.0, lr=2e-4, batch_size=8, lambda_init=100.0, dual_lr=20.0, epsilon=0.02,
                 dual_warmup_epochs=2.0)
+GROUP_TITLES = {METHOD: "method (defaults: the PDU authors' TOFU settings; the embedded default uses its own)",
+                TRAINING: "training",
+                REFERENCE: "reproduce the reference implementation's behaviour (open-unlearning)"}
 TOFU_EVAL_SPLITS = {"retain": ("retain", "retain_perturbed"), "real_authors": ("held", "real_authors_perturbed"),
                     "world_facts": ("held", "world_facts_perturbed")}
 
@@ -42,42 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Unlearn a forget set with the primal-dual method. With no argument: "
                                               "the embedded default (see `ceu --help`).")
     _add_data_arguments(unlearn)
-    method = unlearn.add_argument_group("method (defaults: the PDU authors' TOFU settings; the embedded default "
-                                        "uses its own)")
-    method.add_argument("--epsilon", type=float, help="bound on the retain loss (absolute)")
-    method.add_argument("--epsilon-alpha", type=float,
-                        help="bound relative to the model before unlearning: epsilon = (1 + alpha) * retain loss")
-    method.add_argument("--lambda-init", type=float, help="initial dual variable lambda_0 (the retain loss weight)")
-    method.add_argument("--dual-lr", type=float, help="dual step size eta_lambda")
-    method.add_argument("--dual-warmup-epochs", type=float, help="epochs during which lambda stays at lambda_0")
-    method.add_argument("--forget-weight", type=float, help="weight gamma of the forget loss")
-    training = unlearn.add_argument_group("training")
-    training.add_argument("--lr", type=float, help="AdamW learning rate")
-    training.add_argument("--epochs", type=float, help="passes over the forget set")
-    training.add_argument("--batch-size", type=int, help="forget (and retain) samples per micro-batch")
-    training.add_argument("--grad-accum-steps", type=int, help="micro-batches per optimizer step")
-    training.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"))
-    training.add_argument("--seed", type=int, help="seed of the data order")
+    groups = {}
+    for group, title in GROUP_TITLES.items():
+        groups[group] = unlearn.add_argument_group(title)
+        for field in config_fields(group):
+            _add_config_option(groups[group], field)
+    training = groups[TRAINING]
     training.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of all weights")
     training.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                           help="under torchrun: replicate the model (ddp, default) or shard it (fsdp: FSDP2)")
     training.add_argument("--trainer", choices=("ceu", "hf"), default="ceu",
                           help="the training loop: ceu's own (default) or transformers.Trainer "
                                "(ceu.hf.PrimalDualTrainer; for accelerate launch, whose config rules the parallelism)")
-    training.add_argument("--deterministic", action="store_true", default=None,
-                          help="deterministic algorithms: a rerun gives bitwise the same model")
-    training.add_argument("--checkpoint-dir",
-                          help="where checkpoints go (step-NNNNNN.pt; checkpoint-N/ with --trainer hf)")
-    training.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
-    training.add_argument("--resume-from", help="a checkpoint to continue from (same data and settings)")
-    reference = unlearn.add_argument_group("reproduce the reference implementation's behaviour (open-unlearning)")
-    reference.add_argument("--forget-mask", choices=("shifted", "unshifted"),
-                           help="unshifted: its off-by-one forget mask (default shifted)")
-    reference.add_argument("--dual-update", choices=("optimizer_step", "micro_batch"),
-                           help="micro_batch: update lambda per micro-batch from the local loss "
-                                "(default optimizer_step)")
-    reference.add_argument("--empty-batch", choices=("zero", "nan"),
-                           help="nan: divide by zero on a batch with no answer token (default zero)")
     unlearn.add_argument("--no-save-model", action="store_true", help="do not save the unlearned model")
 
     evaluate = commands.add_parser("eval", help="TOFU metrics of a model, or of TOFU-format evaluation logs",
@@ -88,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "model")
     evaluate.add_argument("--retain-log", type=Path, help="the retain-only model's log, for forget quality")
     return parser
+
+
+def _add_config_option(group, field) -> None:
+    """``--field-name`` for an :class:`~ceu.config.UnlearnConfig` field: its type, choices and help from the
+    dataclass. The option's default is None, so the config's default (or the embedded default's) applies."""
+    option = "--" + field.name.replace("_", "-")
+    help = field.metadata["help"] + ("" if field.default is None else f" (default: {field.default})")
+    if field.type is bool:
+        group.add_argument(option, action="store_true", default=None, help=help)
+        return
+    kind = next((t for t in (int, float, str) if field.type is t or t in getattr(field.type, "__args__", ())), str)
+    group.add_argument(option, type=kind, choices=CHOICES.get(field.name), help=help)
 
 
 def _add_data_arguments(parser):
@@ -104,7 +97,7 @@ def _add_data_arguments(parser):
     model.add_argument("--chat-template", action="store_true", help="wrap questions with the tokenizer's chat "
                                                                     "template")
     model.add_argument("--max-length", type=int, default=512, help="tokens per sample (default: 512)")
-    model.add_argument("--impl", choices=("auto", "torch", "triton", "cuda"), default="auto",
+    model.add_argument("--impl", choices=CHOICES["impl"], default="auto",
                        help="fused-loss backend (default: auto)")
     model.add_argument("--threads", type=int, help="CPU threads for torch (embedded default: 1)")
     model.add_argument("--output-dir", type=Path, default=Path("runs") / "unlearn",
@@ -128,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_unlearn(args)
 
 
-def _config(args, output_dir: Path):
-    from ceu.train import UnlearnConfig
-
+def _config(args, output_dir: Path) -> UnlearnConfig:
     settings = dict(EMBEDDED) if args.model is None else {}
     for field in fields(UnlearnConfig):
         value = getattr(args, field.name, None)

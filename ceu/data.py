@@ -190,3 +190,26 @@ def pad_batch(samples: list[Mapping], pad_token_id: int) -> dict[str, torch.Tens
         labels[row, :size] = torch.tensor(sample["labels"])
         attention_mask[row, :size] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def answer_token_counts(samples: list[dict], shifted: bool = True) -> list[int]:
+    """Answer tokens per sample that a loss counts: those of ``labels[1:]`` for next-token prediction."""
+    return [sum(label != IGNORE_INDEX for label in sample["labels"][1 if shifted else 0:]) for sample in samples]
+
+
+def check_not_empty(forget_data: list[dict], retain_data: list[dict]) -> None:
+    if not forget_data or not retain_data:
+        empty = "forget set is empty: nothing to unlearn" if not forget_data else "retain set is empty: no constraint"
+        raise ValueError(f"need forget and retain samples, got {len(forget_data)} and {len(retain_data)}: the {empty}")
+
+
+def check_answer_tokens(forget_data: list[dict], retain_data: list[dict], forget_shifted: bool = True) -> None:
+    """The guard both training loops run first: refuse empty sets, and samples with no answer token for the loss to
+    count (a micro-batch of them would train on a silent 0 or NaN), typically answers ``max_length`` truncated away.
+    ``forget_shifted``: the forget loss counts ``labels[1:]`` (``False``: the reference's unshifted mask)."""
+    check_not_empty(forget_data, retain_data)
+    for name, samples, shifted in (("forget", forget_data, forget_shifted), ("retain", retain_data, True)):
+        empty = [index for index, count in enumerate(answer_token_counts(samples, shifted)) if count == 0]
+        if empty:
+            raise ValueError(f"{name} samples {empty[:8]}{' ...' if len(empty) > 8 else ''} have no answer token: "
+                             "their answers are truncated or masked; raise max_length or drop them")

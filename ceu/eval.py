@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ceu.data import IGNORE_INDEX, QATemplate, encode_qa, pad_batch
+from ceu.heads import answer_token_losses
 
 ROLES = ("forget", "retain", "held")
 TOFU_LOG_SETS = {"eval_log_forget.json": ("forget", "forget"), "eval_log.json": ("retain", "retain"),
@@ -104,8 +105,6 @@ def load_tofu_log(path) -> dict:
 def average_answer_losses(model, tokenizer, questions: list[str], answers: list[str], template: QATemplate,
                           batch_size: int = 64, impl: str = "auto") -> list[float]:
     """Mean NLL per answer token of each (question, answer), through the fused cross-entropy (no logits)."""
-    from ceu.train import answer_token_losses
-
     device = next(model.parameters()).device
     samples = [encode_qa(tokenizer, q, a, template) for q, a in zip(questions, answers)]
     averages = []

@@ -1,6 +1,6 @@
 """The PDU step inside ``transformers.Trainer``, for users of the Hugging Face / accelerate / DeepSpeed stack.
 
-``PrimalDualTrainer`` computes the same losses as :func:`ceu.unlearn` (:func:`ceu.train.pdu_losses`: fused, on the LM
+``PrimalDualTrainer`` computes the same losses as :func:`ceu.unlearn` (:func:`ceu.heads.pdu_losses`: fused, on the LM
 head, no logits) and minimises the same Lagrangian; a callback runs the dual update once per optimizer step
 (``on_step_end``), averaged over the accumulation window and across ranks (``torch.distributed``, which accelerate
 initialises). Train on a :class:`ForgetRetainDataset` with :class:`ForgetRetainCollator`::
@@ -14,7 +14,6 @@ or call :func:`unlearn_with_trainer`, which does that and returns what :func:`ce
 every Trainer checkpoint and restored by ``trainer.train(resume_from_checkpoint=...)``.
 """
 import dataclasses
-import json
 import math
 import random
 from pathlib import Path
@@ -23,13 +22,18 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ceu.data import pad_batch
-from ceu.primal_dual import PrimalDual, distributed_mean
-from ceu.train import (UnlearnConfig, UnlearnResult, answer_token_counts, check_not_empty, constraint_bound,
-                       deterministic_algorithms, global_token_scales, open_log, pdu_losses, uses_bf16)
+from ceu.config import UnlearnConfig
+from ceu.data import check_answer_tokens, check_not_empty, pad_batch
+from ceu.distributed import distributed_mean
+from ceu.heads import global_token_scales, pdu_losses
+from ceu.primal_dual import PrimalDual
+from ceu.runlog import log_record, open_log, write_record
+from ceu.schedule import Schedule, decay_parameter_names, training_schedule
+from ceu.train import UnlearnResult, constraint_bound, deterministic_algorithms, uses_bf16
 
 PRIMAL_DUAL_FILE = "primal_dual.pt"
 LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+CEU_SCHEDULES = {"constant_with_warmup": "constant", "constant": "constant", "linear": "linear", "cosine": "cosine"}
 
 
 class ForgetRetainDataset(torch.utils.data.Dataset):
@@ -73,16 +77,10 @@ class ForgetRetainCollator:
 
 
 class DualStepCallback(TrainerCallback):
-    """Sizes the warm start from the run's steps per epoch, tells the dataset the epoch, and runs the dual update
-    after each optimizer step."""
+    """Tells the dataset the epoch, and runs the dual update after each optimizer step."""
 
-    def __init__(self, primal_dual: PrimalDual, warmup_epochs: float | None):
-        self.primal_dual, self.warmup_epochs = primal_dual, warmup_epochs
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.warmup_epochs is not None and state.max_steps > 0 and args.num_train_epochs > 0:
-            steps_per_epoch = state.max_steps / args.num_train_epochs
-            self.primal_dual.warmup_steps = round(self.warmup_epochs * steps_per_epoch)
+    def __init__(self, primal_dual: PrimalDual):
+        self.primal_dual = primal_dual
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         dataset = getattr(train_dataloader, "dataset", None)
@@ -94,8 +92,8 @@ class DualStepCallback(TrainerCallback):
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Writes the slim loop's JSONL log lines (step, epoch, losses, λ, ε, slack, lr) from the Trainer's logs, into a
-    log opened as :func:`ceu.train.open_log` opens it (a resumed run keeps the lines up to its checkpoint)."""
+    """Writes the slim loop's JSONL log lines (:func:`ceu.runlog.log_record`) from the Trainer's logs, into a log
+    opened as :func:`ceu.runlog.open_log` opens it (a resumed run keeps the lines up to its checkpoint)."""
 
     def __init__(self, path: str, primal_dual: PrimalDual):
         self.path, self.primal_dual, self.log_file = path, primal_dual, None
@@ -107,12 +105,9 @@ class JsonlLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.log_file is None or "forget_loss" not in (logs or {}):
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch, 4), "forget_loss": logs["forget_loss"],
-                  "retain_loss": logs["retain_loss"], "lambda": logs["lambda"], "epsilon": logs["epsilon"],
-                  "slack": logs["retain_loss"] - logs["epsilon"], "lr": logs.get("learning_rate"),
-                  "dual_warmup": self.primal_dual.held_last_step}
-        self.log_file.write(json.dumps(record) + "\n")
-        self.log_file.flush()
+        write_record(self.log_file, log_record(state.global_step, state.epoch, logs["forget_loss"],
+                                               logs["retain_loss"], logs["lambda"], logs["epsilon"],
+                                               logs.get("learning_rate"), self.primal_dual.held_last_step))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.log_file is not None:
@@ -128,34 +123,80 @@ class PrimalDualTrainer(Trainer):
     in the backward ("marked as ready twice"). Setting it to True is refused.
 
     While training, the losses are token-means over the global micro-batch (the ranks' answer-token counts are
-    all-reduced, :func:`ceu.train.global_token_scales`), so N ranks match one process with N times the batch.
+    all-reduced, :func:`ceu.heads.global_token_scales`), so N ranks match one process with N times the batch.
     Logs add ``lambda``, ``epsilon`` and the forget and retain losses averaged over the logging interval and the ranks.
     Checkpoints add ``primal_dual.pt`` (λ, ε, dual steps), which ``train(resume_from_checkpoint=...)`` restores.
 
+    The schedule is :func:`ceu.schedule.training_schedule`'s, the one :func:`ceu.unlearn` runs: the batch size,
+    accumulation and epochs come from ``args`` (Trainer's per-epoch accumulation windows are ceu's), the LR schedule,
+    the LR warm-up ratio and the dual warm-up from ``unlearn_config``, and weight decay spares the parameters
+    :func:`ceu.schedule.decay_parameter_names` spares. ``args`` that ask for another LR schedule or warm-up, or for
+    ``max_steps``, are refused rather than silently overridden (:func:`training_arguments` makes matching ones).
+
     Args:
-        unlearn_config: ε, λ₀, η_λ, γ, the dual warm-up (in epochs), ``impl`` and the reference-quirk options
-            (default: ``UnlearnConfig()``).
+        unlearn_config: ε, λ₀, η_λ, γ, the LR schedule and warm-up ratio, the dual warm-up (in epochs), ``impl`` and
+            the reference-quirk options (default: ``UnlearnConfig()``).
         primal_dual: an existing :class:`PrimalDual`; its warm-up is kept as is.
     """
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *rest,
                  unlearn_config: UnlearnConfig | None = None, primal_dual: PrimalDual | None = None, **kwargs):
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
+        config = unlearn_config if unlearn_config is not None else UnlearnConfig()
         if args.ddp_find_unused_parameters:
             raise ValueError("ddp_find_unused_parameters=True breaks DDP here: the fused losses use the LM-head weight "
                              "outside the model's forward, so DDP marks it unused and then ready in the backward")
+        if CEU_SCHEDULES.get(args.lr_scheduler_type.value) != config.lr_schedule:
+            raise ValueError(f"args.lr_scheduler_type is {args.lr_scheduler_type.value!r} but the UnlearnConfig's "
+                             f"lr_schedule is {config.lr_schedule!r}: PrimalDualTrainer runs ceu's schedule, set it "
+                             "in UnlearnConfig (training_arguments(config, ...) makes matching arguments)")
+        if args.warmup_steps:
+            raise ValueError(f"args.warmup_steps is {args.warmup_steps}: PrimalDualTrainer's LR warm-up is "
+                             "UnlearnConfig.lr_warmup_ratio (a fraction of the optimizer steps); leave warmup_steps 0")
+        if args.max_steps > 0:
+            raise ValueError("args.max_steps is set: PrimalDualTrainer's schedule is counted in epochs "
+                             "(num_train_epochs), as ceu.unlearn's is")
         args.ddp_find_unused_parameters = False
         super().__init__(model, args, *rest, **kwargs)
-        self.unlearn_config = config = unlearn_config or UnlearnConfig()
+        self.unlearn_config = config
         self.primal_dual = primal_dual or PrimalDual(config.lambda_init, config.dual_lr, config.epsilon,
                                                      forget_weight=config.forget_weight,
                                                      update_every=config.dual_update)
-        self.add_callback(DualStepCallback(self.primal_dual, None if primal_dual else config.dual_warmup_epochs))
+        self._sizes_dual_warmup = primal_dual is None
+        self.schedule: Schedule | None = None  # known once train() has the data
+        self.add_callback(DualStepCallback(self.primal_dual))
         self.args.remove_unused_columns = False  # the batches are {"forget": ..., "retain": ...}
         # The Lagrangian is a mean per micro-batch: let the Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
         self._logged_losses, self._logged_micro_batches = None, 0
+
+    def training_schedule(self) -> Schedule:
+        """ceu's schedule for this Trainer's data, batch size, accumulation, epochs and number of processes."""
+        config = dataclasses.replace(self.unlearn_config, batch_size=self.args.per_device_train_batch_size,
+                                     grad_accum_steps=self.args.gradient_accumulation_steps,
+                                     epochs=self.args.num_train_epochs)
+        return training_schedule(len(self.train_dataset), config, world_size=self.args.world_size)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The parameters AdamW decays: ceu's rule (:func:`ceu.schedule.decay_parameter_names`)."""
+        return sorted(decay_parameter_names(model))
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """ceu's LR schedule (:meth:`ceu.schedule.Schedule.lr_factor`), after checking that Trainer plans the same
+        number of optimizer steps; sizes the dual warm-up from the same schedule."""
+        self.schedule = schedule = self.training_schedule()
+        if schedule.total_steps != num_training_steps:
+            raise RuntimeError(f"Trainer plans {num_training_steps} optimizer steps, ceu's schedule "
+                               f"{schedule.total_steps} ({schedule}): a sampler or dataloader setting "
+                               "(dataloader_drop_last?) changes the steps per epoch")
+        if self._sizes_dual_warmup:
+            self.primal_dual.warmup_steps = schedule.dual_warmup_steps
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer,
+                                                                  lambda step: schedule.lr_factor(step))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Token-means over the global micro-batch, as in ceu.unlearn, however unevenly the ranks' tokens fall.
@@ -203,15 +244,16 @@ class PrimalDualTrainer(Trainer):
 
 def training_arguments(config: UnlearnConfig, output_dir: str | Path, **overrides) -> TrainingArguments:
     """``TrainingArguments`` with ``config``'s optimisation settings (batch size per device, accumulation, epochs, LR,
-    schedule and warm-up, weight decay, clipping, seed, bf16, logging and checkpoint interval), so a Trainer run is
-    set up as :func:`ceu.unlearn` is. Two differences are Trainer's own: it exempts biases and norm weights from
-    weight decay, and its sampler shuffles with ``seed`` in its own order."""
+    schedule, weight decay, clipping, seed, bf16, logging and checkpoint interval), so a Trainer run is set up as
+    :func:`ceu.unlearn` is. The LR warm-up is not among them: :class:`PrimalDualTrainer` takes the ratio from its
+    ``unlearn_config`` (Trainer's ``warmup_steps`` cannot say "the whole run": 1.0 means one step). The one
+    difference left is the data order: Trainer's sampler shuffles with ``seed`` in its own order."""
     on_cpu = not torch.cuda.is_available()
     bf16 = uses_bf16(config, "cpu" if on_cpu else "cuda")
     settings = dict(output_dir=str(output_dir), per_device_train_batch_size=config.batch_size,
                     gradient_accumulation_steps=config.grad_accum_steps, num_train_epochs=config.epochs,
                     learning_rate=config.lr, weight_decay=config.weight_decay,
-                    lr_scheduler_type=LR_SCHEDULER_TYPES[config.lr_schedule], warmup_steps=config.lr_warmup_ratio,
+                    lr_scheduler_type=LR_SCHEDULER_TYPES[config.lr_schedule], warmup_steps=0,
                     max_grad_norm=config.max_grad_norm or 0.0, seed=config.seed, bf16=bf16, use_cpu=on_cpu,
                     logging_steps=config.log_every, disable_tqdm=not config.progress, report_to=[],
                     save_strategy="steps" if config.checkpoint_every else "no",
@@ -220,20 +262,15 @@ def training_arguments(config: UnlearnConfig, output_dir: str | Path, **override
 
 
 def unlearn_with_trainer(model, forget_data: list[dict], retain_data: list[dict],
-                         config: UnlearnConfig = UnlearnConfig(), pad_token_id: int = 0,
+                         config: UnlearnConfig | None = None, pad_token_id: int = 0,
                          output_dir: str | Path = "runs/trainer") -> UnlearnResult:
     """:func:`ceu.unlearn` run by :class:`PrimalDualTrainer`: the way to run PDU under ``accelerate launch`` (or a
     DeepSpeed config). Pass the unwrapped model and the full data on every rank; Trainer wraps the model and shards
-    the data. ``config.checkpoint_dir`` (default ``output_dir``) receives Trainer checkpoints every
-    ``checkpoint_every`` steps; ``resume_from`` is one of them. ``log_path`` gets the slim loop's JSONL log."""
-    check_not_empty(forget_data, retain_data)
-    # Trainer's sampler makes the micro-batches, so each sample must have an answer token for each batch to have one.
-    for name, samples, shifted in (("forget", forget_data, config.forget_mask == "shifted"),
-                                   ("retain", retain_data, True)):
-        empty = [index for index, count in enumerate(answer_token_counts(samples, shifted)) if count == 0]
-        if empty:
-            raise ValueError(f"{name} samples {empty[:8]}{' ...' if len(empty) > 8 else ''} have no answer token: "
-                             "their answers are truncated or masked; raise max_length or drop them")
+    the data. ``config`` (default ``UnlearnConfig()``): ``checkpoint_dir`` (default ``output_dir``) receives Trainer
+    checkpoints every ``checkpoint_every`` steps; ``resume_from`` is one of them. ``log_path`` gets the slim loop's
+    JSONL log."""
+    config = config if config is not None else UnlearnConfig()
+    check_answer_tokens(forget_data, retain_data, forget_shifted=config.forget_mask == "shifted")
     epsilon, initial_retain_loss = constraint_bound(model, retain_data, config, pad_token_id)
     args = training_arguments(config, config.checkpoint_dir or output_dir)
     trainer = PrimalDualTrainer(model=model, args=args,

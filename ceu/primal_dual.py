@@ -12,21 +12,12 @@ optimizer step under accumulation and drifts apart across ranks.
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
-UPDATE_MODES = ("optimizer_step", "micro_batch")
+from ceu.config import CHOICES
+from ceu.distributed import distributed_mean
 
-
-def distributed_mean(value: torch.Tensor, group=None) -> torch.Tensor:
-    """Mean of ``value`` over the ranks of ``group`` when ``torch.distributed`` is initialised; else ``value``."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    world_size = dist.get_world_size(group)
-    if world_size == 1:
-        return value
-    total = value.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total / world_size
+UPDATE_MODES = CHOICES["dual_update"]
+__all__ = ["PrimalDual", "relative_epsilon", "distributed_mean", "UPDATE_MODES"]
 
 
 class PrimalDual:

@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
+from tqdm.auto import tqdm
+
 from ceu.data import QATemplate, pad_batch, tokenize_qa
+from ceu.heads import answer_token_losses
+from ceu.schedule import lr_factor
 
 VERSION = 1
 TEMPLATE = QATemplate(prompt="question : {question} answer :")
@@ -193,17 +197,21 @@ class TinyLlama:
 
 def fit(model, samples: list[dict], pad_token_id: int, epochs: int = 60, lr: float = 3e-3, batch_size: int = 32,
         seed: int = 0, progress: bool = True, desc: str = "learn") -> float:
-    """Stage one: train on the answers with the fused cross-entropy (AdamW, cosine LR); returns the last epoch's loss."""
-    from tqdm.auto import tqdm
+    """Stage one: train on the answers with the fused cross-entropy (AdamW, cosine LR); returns the last epoch's loss.
 
-    from ceu.train import answer_token_losses, lr_factor
-
+    Plain fine-tuning from scratch, not unlearning: one loss over one set, no forget/retain pairs, no λ, no data
+    parallelism, so it is not :func:`ceu.unlearn` (which would run a dead forget forward per step, γ = 0, and count
+    its epochs over a forget set). It keeps the schedule its cached models were trained with (warm-up ``(k+1)/w`` over
+    the first epoch, decay on all weights): changing it would make a cold run differ from the cache.
+    """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(samples) / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, epochs * steps_per_epoch, steps_per_epoch, "cosine"))
+    total_steps, warmup_steps = epochs * steps_per_epoch, steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warmup_steps
+                                                  if step < warmup_steps
+                                                  else lr_factor(step, total_steps, warmup_steps, "cosine"))
     model.train()
     bar = tqdm(range(epochs), desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in bar:

@@ -14,7 +14,7 @@ from test_train import qa_samples, tiny_model  # tests/ is sys.path[0] when this
 from transformers import TrainerCallback, TrainingArguments
 
 from ceu.hf import ForgetRetainCollator, ForgetRetainDataset, PrimalDualTrainer
-from ceu.train import UnlearnConfig
+from ceu.config import UnlearnConfig
 
 FORGET = 8
 BATCH_SIZE, GRAD_ACCUM, EPOCHS = 1, 2, 2  # 2 ranks: 2 optimizer steps per epoch, 4 in all

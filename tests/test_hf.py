@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ceu.primal_dual import PrimalDual
-from ceu.train import UnlearnConfig
+from ceu.config import UnlearnConfig
 from test_train import forbid_head_calls, qa_samples, tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -86,7 +86,8 @@ def test_training_arguments_carry_the_config():
     args = training_arguments(config, "out", logging_steps=2)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.num_train_epochs) == (3, 2, 3)
     assert (args.learning_rate, args.weight_decay, args.lr_scheduler_type.value) == (2e-4, 0.1, "cosine")
-    assert (args.warmup_steps, args.max_grad_norm, args.seed, args.bf16) == (0.25, 0.0, 7, False)
+    # the LR warm-up ratio stays in the UnlearnConfig, which PrimalDualTrainer's schedule reads (tests/test_schedule.py)
+    assert (args.warmup_steps, args.max_grad_norm, args.seed, args.bf16) == (0, 0.0, 7, False)
     assert (args.save_strategy.value, args.save_steps, args.logging_steps, args.disable_tqdm) == ("steps", 4, 2, True)
     assert training_arguments(UnlearnConfig(lr_schedule="constant"), "out").lr_scheduler_type.value \
         == "constant_with_warmup"

@@ -1,0 +1,83 @@
+"""The configuration of an unlearning run: :class:`UnlearnConfig` and its choices, in one place.
+
+No torch here: the CLI builds its options from these fields (``ceu --help`` stays fast) and both training loops,
+:func:`ceu.unlearn` and :class:`ceu.hf.PrimalDualTrainer`, read the same object. A field's ``metadata`` holds its
+help text and, for the fields the ``ceu unlearn`` command exposes, its option group there.
+"""
+from dataclasses import dataclass, field, fields
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+IMPLS = ("auto", "torch", "triton", "cuda")
+CHOICES = {"forget_mask": ("shifted", "unshifted"), "dual_update": ("optimizer_step", "micro_batch"),
+           "empty_batch": ("zero", "nan"), "mixed_precision": ("auto", "bf16", "no"), "lr_schedule": LR_SCHEDULES,
+           "impl": IMPLS}
+
+METHOD, TRAINING, REFERENCE = "method", "training", "reference"
+
+
+def knob(default, help: str, group: str | None = None):
+    """A field of :class:`UnlearnConfig` with its help text (and its ``ceu unlearn`` option group, if it has one)."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class UnlearnConfig:
+    """Every knob of :func:`ceu.unlearn` and :class:`ceu.hf.PrimalDualTrainer`. The defaults are the PDU authors' TOFU
+    settings (λ₀=100, η_λ=5, ε=0.3, 5 warm-up epochs, lr 1e-5, 10 epochs); MUSE used λ₀=50, η_λ=1, 3 warm-up epochs.
+    How epochs, accumulation and the two warm-ups become optimizer steps: :mod:`ceu.schedule`."""
+
+    epochs: float = knob(10.0, "passes over the forget set", TRAINING)
+    lr: float = knob(1e-5, "AdamW learning rate", TRAINING)
+    batch_size: int = knob(4, "forget (and retain) samples per micro-batch", TRAINING)
+    grad_accum_steps: int = knob(1, "micro-batches per optimizer step (an epoch's last step takes what is left)",
+                                 TRAINING)
+    weight_decay: float = knob(0.01, "AdamW weight decay (biases and norm weights are exempt)", TRAINING)
+    lr_schedule: str = knob("linear", "LR decay after the warm-up", TRAINING)
+    lr_warmup_ratio: float = knob(0.0, "fraction of the optimizer steps with a linear LR warm-up", TRAINING)
+    max_grad_norm: float | None = knob(1.0, "gradient clipping norm (None: off)")
+    lambda_init: float = knob(100.0, "initial dual variable lambda_0 (the retain loss weight)", METHOD)
+    dual_lr: float = knob(5.0, "dual step size eta_lambda", METHOD)
+    epsilon: float = knob(0.3, "bound on the retain loss (absolute)", METHOD)
+    epsilon_alpha: float | None = knob(None, "bound relative to the model before unlearning: "
+                                             "epsilon = (1 + alpha) * retain loss", METHOD)
+    dual_warmup_epochs: float = knob(5.0, "epochs during which lambda stays at lambda_0", METHOD)
+    forget_weight: float = knob(1.0, "weight gamma of the forget loss", METHOD)
+    impl: str = knob("auto", "fused-loss backend")
+    mixed_precision: str = knob("auto", "auto (bf16 autocast where the GPU supports it), bf16 or no")
+    seed: int = knob(0, "seed of the data order", TRAINING)
+    log_every: int = knob(1, "optimizer steps between log lines (the only host syncs in the loop)")
+    log_path: str | None = knob(None, "JSONL log (None: no file)")
+    progress: bool = knob(True, "tqdm progress bar")
+    deterministic: bool = knob(False, "deterministic algorithms: a rerun gives bitwise the same model", TRAINING)
+    checkpoint_dir: str | None = knob(None, "where checkpoints go (step-NNNNNN.pt; checkpoint-N/ with --trainer hf)",
+                                      TRAINING)
+    checkpoint_every: int = knob(0, "optimizer steps between checkpoints (0: never)", TRAINING)
+    resume_from: str | None = knob(None, "a checkpoint to continue from (same data and settings)", TRAINING)
+    # Reproduce the reference implementation (open-unlearning's PDU) instead of fixing it:
+    forget_mask: str = knob("shifted", "unshifted: its off-by-one forget mask labels != -100", REFERENCE)
+    dual_update: str = knob("optimizer_step", "micro_batch: update lambda per micro-batch from the local rank's loss",
+                            REFERENCE)
+    empty_batch: str = knob("zero", "nan: divide by zero on a batch with no answer token", REFERENCE)
+
+    def __post_init__(self):
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every needs a checkpoint_dir")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not 0.0 <= self.lr_warmup_ratio <= 1.0:
+            raise ValueError(f"lr_warmup_ratio must be in [0, 1], got {self.lr_warmup_ratio}")
+        if self.dual_warmup_epochs < 0:
+            raise ValueError(f"dual_warmup_epochs must be >= 0, got {self.dual_warmup_epochs}")
+
+
+def config_fields(group: str | None = None) -> list:
+    """The fields of :class:`UnlearnConfig` (those of one ``ceu unlearn`` option group when ``group`` is given)."""
+    return [f for f in fields(UnlearnConfig) if group is None or f.metadata.get("group") == group]

@@ -1,0 +1,58 @@
+"""Data-parallel helpers of the training loops: where this process stands, its share of a global micro-batch, means
+over the ranks, and gradient accumulation without a gradient all-reduce per micro-batch."""
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def data_parallel_position() -> tuple[int, int]:
+    """``(rank, world size)`` of this process in the default ``torch.distributed`` group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return data_parallel_position()[0] == 0
+
+
+def rank_share(indices: list[int], rank: int, world_size: int) -> tuple[list[int], bool]:
+    """This rank's samples of a global micro-batch (every ``world_size``-th, so the ranks never overlap) and whether
+    they count. A rank left without samples (a short last batch) runs one stand-in sample with weight 0, so that every
+    rank still takes part in the forward and backward that DDP and FSDP synchronise."""
+    share = indices[rank::world_size]
+    return (share, True) if share else (indices[:1], False)
+
+
+def distributed_mean(value: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean of ``value`` over the ranks of ``group`` when ``torch.distributed`` is initialised; else ``value``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    world_size = dist.get_world_size(group)
+    if world_size == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total / world_size
+
+
+@contextlib.contextmanager
+def gradient_sync(model, enabled: bool):
+    """Run a backward with (``enabled``) or without the data-parallel gradient reduction: off for every micro-batch
+    of an accumulation window but the last, so a window costs one all-reduce (DDP: ``no_sync()``) or one
+    reduce-scatter (FSDP2: ``set_requires_gradient_sync(False)``, gradients accumulate unsharded until the last
+    backward reduces their sum). A model that is neither is left alone."""
+    if enabled:
+        yield
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 (fully_shard) root
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield

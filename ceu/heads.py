@@ -1,0 +1,150 @@
+"""A Hugging Face causal LM seen by the fused losses: the model inside its wrappers, its LM head, the final hidden
+states from its own forward with the head bypassed, and the losses computed on the head's weight (no ``[tokens, V]``
+logits): PDU's forget and retain losses, and the answer-token cross-entropy that evaluation and fine-tuning use."""
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from ceu.config import UnlearnConfig
+from ceu.cross_entropy import linear_cross_entropy
+from ceu.data import IGNORE_INDEX, pad_batch
+from ceu.lmf import linear_lmf_loss
+
+
+def causal_lm(model):
+    """The ``*ForCausalLM`` inside DDP, ``torch.compile`` and PEFT wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def lm_head(model) -> torch.nn.Linear:
+    """The LM head, checked to be a plain linear layer whose output is the logits."""
+    lm = causal_lm(model)
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(lm.config, name, None) not in (None, 1, 1.0):
+            raise NotImplementedError(f"{type(lm).__name__} transforms its logits ({name}={getattr(lm.config, name)}):"
+                                      " the fused losses need logits = hidden @ W.T + b")
+    head = lm.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"the LM head is a {type(head).__name__}, not torch.nn.Linear (an adapter on the head?): "
+                        "the fused losses need its plain weight")
+    return head
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (post-norm) hidden states ``[B, T, H]`` from the model's own forward with the LM head bypassed.
+
+    The head is swapped for an identity for the duration of the call, so the top-level forward still runs (DDP's
+    gradient sync, PEFT and accelerate wrappers keep working) while no logits are computed.
+    """
+    lm = causal_lm(model)
+    head = lm_head(model)
+    lm.set_output_embeddings(torch.nn.Identity())
+    try:
+        with warnings.catch_warnings():  # FSDP2 warns of in-place ops on a returned view; the losses make none
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        lm.set_output_embeddings(head)
+    return outputs.logits
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def head_parameters(model, dtype: torch.dtype):
+    """LM-head weight and bias in ``dtype`` (the hidden states' dtype under autocast).
+
+    Under FSDP2 the head must be sharded with the root module (``fully_shard(model)``), which keeps its parameters
+    gathered from the forward until the backward; a head with its own ``fully_shard`` is never gathered here, since
+    the forward bypasses it.
+    """
+    head = lm_head(model)
+    if is_dtensor(head.weight):
+        raise RuntimeError("the LM-head weight is still sharded (a DTensor) after the model's forward: shard the head "
+                           "with the root module, fully_shard(model), not with its own fully_shard(model.lm_head)")
+    weight = head.weight.to(dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return weight, bias
+
+
+def answer_token_losses(model, batch: dict, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy per answer token ``[B, T-1]`` (0 elsewhere) and the answer-token mask."""
+    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    weight, bias = head_parameters(model, hidden.dtype)
+    targets = batch["labels"][:, 1:]
+    losses = linear_cross_entropy(hidden, weight, targets, bias, reduction="none", impl=impl)
+    return losses, targets != IGNORE_INDEX
+
+
+def forget_answer_mask(labels: torch.Tensor, config: UnlearnConfig) -> torch.Tensor:
+    """The forget positions the LMF loss counts: position t predicts token t+1, so it counts when t+1 is an answer
+    token (``[B, T-1]``); ``forget_mask="unshifted"`` is the reference's ``labels != -100`` (``[B, T]``)."""
+    return (labels[:, 1:] if config.forget_mask == "shifted" else labels) != IGNORE_INDEX
+
+
+def global_token_scales(forget: dict, retain: dict, config: UnlearnConfig) -> torch.Tensor:
+    """``pdu_losses``' ``token_scales`` for a micro-batch whose global answer-token counts are not known in advance
+    (a sampler hands each rank its share): ``world size / global count`` of forget and retain tokens, from one
+    all-reduce of the local counts. A global micro-batch without answer tokens gets loss 0."""
+    counts = torch.stack([forget_answer_mask(forget["labels"], config).sum(),
+                          (retain["labels"][:, 1:] != IGNORE_INDEX).sum()]).float()
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        world_size = dist.get_world_size()
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return world_size / counts.clamp_min(1.0)
+
+
+def pdu_losses(model, forget: dict, retain: dict, config: UnlearnConfig,
+               token_scales: tuple[float, float] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_fgt, L_rtn)`` of one micro-batch pair: the LMF loss over the forget answer tokens and the token-mean
+    cross-entropy over the retain answer tokens, both fused on the LM-head weight.
+
+    ``token_scales=(forget, retain)`` replaces each local token-mean by ``scale · sum``: with ``scale = world size /
+    answer tokens of the global micro-batch`` the mean over data-parallel ranks (DDP's and FSDP's gradient average, the
+    all-reduced retain loss) is the global micro-batch's token-mean, however unevenly the ranks' tokens fall.
+    """
+    forget_hidden = final_hidden_states(model, forget["input_ids"], forget["attention_mask"])
+    weight, bias = head_parameters(model, forget_hidden.dtype)
+    forget_mask = forget_answer_mask(forget["labels"], config)
+    if config.forget_mask == "shifted":
+        forget_hidden = forget_hidden[:, :-1]
+    retain_hidden = final_hidden_states(model, retain["input_ids"], retain["attention_mask"])[:, :-1]
+    retain_targets = retain["labels"][:, 1:]
+    if config.empty_batch == "zero" and token_scales is None:
+        forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, impl=config.impl)
+        retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, impl=config.impl)
+        return forget_loss, retain_loss
+    forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, reduction="sum", impl=config.impl)
+    retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, reduction="sum", impl=config.impl)
+    if config.empty_batch == "nan":  # the reference's local token-mean, 0/0 on a batch without answer tokens
+        return forget_loss / forget_mask.sum(), retain_loss / (retain_targets != IGNORE_INDEX).sum()
+    return forget_loss * token_scales[0], retain_loss * token_scales[1]
+
+
+@torch.no_grad()
+def dataset_loss(model, samples: list[dict], pad_token_id: int = 0, batch_size: int = 32,
+                 impl: str = "auto") -> float:
+    """Token-mean cross-entropy over every answer token of ``samples`` (the retain loss of the constraint)."""
+    device = next(model.parameters()).device
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for start in range(0, len(samples), batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(samples[start:start + batch_size], pad_token_id).items()}
+        losses, mask = answer_token_losses(model, batch, impl)
+        total += losses.float().sum()
+        count += mask.sum()
+    return (total / count.clamp_min(1)).item()
