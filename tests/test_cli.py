@@ -26,6 +26,29 @@ def test_help_explains_the_commands(capsys):
     assert "--epsilon-alpha" in capsys.readouterr().out
 
 
+def test_unlearn_options_are_generated_from_the_config(tmp_path):
+    """Every UnlearnConfig field with an option group (and impl) is an option with the dataclass's choices; unset
+    options leave the dataclass default; set ones reach the config."""
+    from ceu.cli import _config, build_parser
+    from ceu.config import CHOICES, UnlearnConfig, config_fields
+
+    parser = build_parser()
+    unlearn = next(action for action in parser._actions if action.dest == "command").choices["unlearn"]
+    options = {action.dest: action for action in unlearn._actions}
+    for field in config_fields():
+        if field.metadata["group"] or field.name == "impl":
+            assert field.name in options, field.name
+            assert options[field.name].choices in (None, CHOICES.get(field.name)), field.name
+    args = parser.parse_args(["unlearn", "--model", "m", "--lr-warmup-ratio", "0.5", "--deterministic",
+                              "--lr-schedule", "cosine", "--grad-accum-steps", "3", "--dual-update", "micro_batch"])
+    config = _config(args, tmp_path)
+    assert (config.lr_warmup_ratio, config.deterministic, config.lr_schedule, config.grad_accum_steps,
+            config.dual_update) == (0.5, True, "cosine", 3, "micro_batch")
+    assert config.epochs == UnlearnConfig().epochs and config.log_path == str(tmp_path / "log.jsonl")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["unlearn", "--lr-schedule", "step"])
+
+
 def test_fsdp_flag_is_refused_with_the_trainer_loop(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["unlearn", "--trainer", "hf", "--parallel", "fsdp"])
