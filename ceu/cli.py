@@ -216,7 +216,7 @@ class Job:
 def measure(job: Job, model, eval_sets, retain_samples) -> tuple[dict | None, float]:
     """The evaluation log of ``model`` (None without eval sets) and its retain loss (the constrained quantity)."""
     from ceu.eval import evaluate_model
-    from ceu.train import dataset_loss
+    from ceu.heads import dataset_loss
 
     log = None
     if eval_sets is not None:
@@ -253,7 +253,7 @@ def data_parallel(model, how: str, device):
     ``_no_split_modules``) sharded on its own and the rest, LM head included, with the root."""
     import torch
 
-    from ceu.train import causal_lm
+    from ceu.heads import causal_lm
 
     if how == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -270,8 +270,9 @@ def data_parallel(model, how: str, device):
 def run_unlearn(args) -> int:
     import torch.distributed as dist
 
+    from ceu.distributed import is_main_process
     from ceu.eval import format_table, plot_training_log
-    from ceu.train import is_main_process, unlearn
+    from ceu.train import unlearn
 
     start = time.perf_counter()
     device = start_distributed()
