@@ -39,6 +39,17 @@ def test_schedule_definitions_on_a_ragged_run():
     assert training_schedule(7, UnlearnConfig(**RAGGED), world_size=2).micro_batches_per_epoch == 2
 
 
+
+def test_issue_16_cases_tofu_forget10_and_forget01_with_accumulation():
+    """Global micro-batches of 32 in windows of 4, 10 epochs, 5 of dual warm-up: TOFU's forget10 (400 samples) is 13
+    micro-batches an epoch, 4 steps (the old straddling windows made 33 steps in all, Trainer 40); forget01 (40) is 2
+    micro-batches, one partial window an epoch (the old count held λ for all 5 of its steps)."""
+    config = UnlearnConfig(batch_size=32, grad_accum_steps=4, epochs=10, dual_warmup_epochs=5)
+    forget10, forget01 = training_schedule(400, config), training_schedule(40, config)
+    assert (forget10.steps_per_epoch, forget10.total_steps, forget10.dual_warmup_steps) == (4, 40, 20)
+    assert (forget01.steps_per_epoch, forget01.total_steps, forget01.dual_warmup_steps) == (1, 10, 5)
+    assert [len(window) for window in forget01.windows()] == [2] * 10
+
 def test_lr_factor_is_transformers_schedules():
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
