@@ -29,8 +29,10 @@ STEP_LIMITS_S = {"build": 240, "tests": 270}
 """Hard limits on the first two steps; the benchmark gets what is left."""
 BENCH_TAIL_S = 100
 """Kept back from the benchmark's budget: its last case (up to about a minute) and its report run past the budget."""
-GPU_TEST_FILES = ("tests/test_lmf.py", "tests/test_cross_entropy.py", "tests/test_numerics.py", "tests/test_triton.py",
-                  "tests/test_cuda_backend.py", "tests/test_compile.py", "tests/test_checks.py")
+GPU_TEST_FILES = ("tests/test_lmf.py", "tests/test_cross_entropy.py", "tests/test_kernels_lmf_forward.py",
+                  "tests/test_kernels_lmf_backward.py", "tests/test_kernels_ce_forward.py", "tests/test_kernels_tl_utils.py",
+                  "tests/test_kernels_contract.py", "tests/test_kernels_triton_backend.py", "tests/test_kernels_cuda.py",
+                  "tests/test_compile.py", "tests/test_checks.py", "tests/test_backends.py", "tests/test_ops.py")
 """The tests that run the kernels on CUDA tensors when a GPU is present (every backend through ``device_impls``)."""
 TEST_WORKERS = 8
 """pytest-xdist processes for the GPU tests where the plugin is installed (it is on the lent machines)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from test_train import qa_samples, tiny_model  # tests/ is sys.path[0] when this file runs as a script
+from helpers import qa_samples, tiny_model  # tests/ is sys.path[0] when this file runs as a script
 from transformers import TrainerCallback, TrainingArguments
 
 from ceu.hf import ForgetRetainCollator, ForgetRetainDataset, PrimalDualTrainer

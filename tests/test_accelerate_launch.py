@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import tiny_model
+from helpers import tiny_model
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="accelerate is not installed: the launcher under test is missing")

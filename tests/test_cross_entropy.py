@@ -1,4 +1,5 @@
-"""The fused linear cross-entropy against F.cross_entropy on float64 logits, on every backend available here."""
+"""ceu.cross_entropy: the fused linear cross-entropy against F.cross_entropy on float64 logits, on every backend
+available here; the Triton backend end to end on its kernel tests' ragged shape."""
 import itertools
 
 import pytest
@@ -6,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import ceu
-from helpers import (AUTOCAST_DTYPES, DTYPES, assert_autocast_changes_nothing, check_against_reference, device_impls,
-                     grads, head_inputs, leaf, make_labels, skip_unsupported, small_gap_inputs, under_autocast)
+from helpers import (AUTOCAST_DTYPES, DTYPES, HIDDEN, KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_VARIANTS, N_TOKENS, VOCAB_SIZE,
+                     assert_autocast_changes_nothing, check_against_float64, check_against_reference, device_impls,
+                     grads, head, head_inputs, labels_for, leaf, make_labels, skip_unsupported, small_gap_inputs,
+                     triton_unavailable, under_autocast)
 
 DEVICE_IMPLS = device_impls()
 SHAPES = {"nice": ((64,), 32, 256, None), "ragged": ((3, 13), 40, 300, 290)}
@@ -135,3 +138,46 @@ def test_autocast_changes_nothing(device, impl, autocast_dtype, dtype):
     loss, _ = under_autocast(loss_fn, tensors, device, None)
     assert loss.dtype == torch.float32
     assert_autocast_changes_nothing(loss_fn, tensors, device, autocast_dtype)
+
+
+# ---- the Triton backend end to end, on the ragged shape of its kernel tests ----------------------------------------
+
+needs_triton = pytest.mark.skipif(triton_unavailable() is not None, reason=str(triton_unavailable()))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
+def test_linear_cross_entropy_triton_matches_reference(dtype, reduction, variant):
+    with_bias, _, lead_shape = KERNEL_VARIANTS[variant]
+    n_tokens = 39 if lead_shape else N_TOKENS
+    hidden, weight, bias = head(dtype, n_tokens, bias=with_bias)
+    hidden, weight = hidden * 0.3, weight * 0.3  # a softer softmax: every logit's gradient matters
+    labels = labels_for(n_tokens)
+    if lead_shape:
+        hidden, labels = hidden.reshape(*lead_shape, HIDDEN), labels.reshape(lead_shape)
+
+    def fused(h, w, b):
+        return ceu.linear_cross_entropy(h, w, labels, b, reduction=reduction, impl="triton", vocab_size=VOCAB_SIZE)
+
+    def reference(h, w, b):
+        logits = (h @ w.T + (0 if b is None else b))[..., :VOCAB_SIZE]
+        loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction=reduction)
+        return loss.reshape(labels.shape) if reduction == "none" else loss
+
+    check_against_float64(fused, reference, (hidden, weight, bias), dtype, reduction)
+
+
+@needs_triton
+def test_all_ignored_and_all_masked_batches_give_zero_with_zero_grads():
+    hidden, weight, bias = head(torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
+    labels = torch.full((N_TOKENS,), -100, device=KERNEL_DEVICE)
+    mask = torch.zeros(N_TOKENS, dtype=torch.bool, device=KERNEL_DEVICE)
+    ce = ceu.linear_cross_entropy(leaves[0], leaves[1], labels, leaves[2], impl="triton", vocab_size=VOCAB_SIZE)
+    lmf = ceu.linear_lmf_loss(*leaves, mask=mask, impl="triton", vocab_size=VOCAB_SIZE)
+    total = ce + lmf
+    total.backward()
+    assert total.item() == 0.0
+    assert all(t.grad is not None and not t.grad.any() for t in leaves)

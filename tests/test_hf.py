@@ -6,7 +6,7 @@ import torch
 
 from ceu.primal_dual import PrimalDual
 from ceu.config import UnlearnConfig
-from test_train import forbid_head_calls, qa_samples, tiny_model
+from helpers import forbid_head_calls, qa_samples, tiny_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

@@ -1,4 +1,5 @@
-"""Vocab-parallel LMF over 2 gloo processes on CPU against the unsharded fused loss (values, stats, every grad)."""
+"""ceu.parallel: vocab-parallel LMF over 2 gloo processes on CPU against the unsharded fused loss (values, stats, every
+grad), NaN and inf across the shards included."""
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch.multiprocessing as mp
 
 import ceu
 from ceu.parallel import vocab_parallel_lmf_loss
-from helpers import head_inputs, leaf, random_mask, small_gap_inputs
+from helpers import INF, NAN, head_inputs, leaf, random_mask, small_gap_inputs, torch_max_on_float64
 
 WORLD_SIZE, SHARD_ROWS, HIDDEN_SIZE, N_TOKENS = 2, 37, 12, 15
 # name -> (global vocab_size, reduction); 70 pads the last 4 rows, 30 leaves rank 1 only padding.
@@ -84,3 +85,59 @@ def test_autocast_changes_nothing(rank_results):
         for got, expected in zip(results["autocast=True"], results["autocast=False"]):
             assert got.dtype == expected.dtype and torch.equal(got, expected)
         assert results["autocast=True"][2].dtype == torch.float32  # the mean
+
+
+PARALLEL_SHARD_ROWS, PARALLEL_VOCAB = 24, 44  # two ranks; rank 1 holds global rows 24..47, of which 44..47 padding
+
+
+def parallel_nan_head():
+    """Global head whose rows put NaN and inf across the shard boundary (see the test's docstring)."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(2 * PARALLEL_SHARD_ROWS, 5, generator=generator, dtype=torch.float64)
+    weight[:, 1], weight[[30, 40], 1] = 1.0, 0.0  # inf in hidden column 1: +inf on rank 0, first NaN at 30 on rank 1
+    weight[:, 2] = 1.0  # inf in column 2: a row of one infinity, index 0
+    weight[:, 3], weight[[5, 29], 3] = -1.0, 1.0  # +inf in column 3: +inf at 5 and 29, a tie across the shards
+    weight[:, 4], weight[[10, 35], 4] = 1.0, 0.0  # inf in column 4: NaN at 10 (rank 0) and 35 (rank 1)
+    weight[PARALLEL_VOCAB:] = NAN
+    hidden = torch.zeros(9, 5, dtype=torch.float64)
+    hidden[:, 0] = torch.randn(9, generator=generator, dtype=torch.float64)
+    hidden[0, 1], hidden[1, 2], hidden[2, 2], hidden[3, 3], hidden[4, 4] = INF, -INF, INF, INF, INF
+    hidden[5, 0] = NAN
+    return hidden, weight
+
+
+def _parallel_nan_worker(rank, store_path, out_dir):
+    from ceu.parallel import vocab_parallel_lmf_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        hidden, weight = parallel_nan_head()
+        inputs = [leaf(hidden), leaf(weight[rank * PARALLEL_SHARD_ROWS:(rank + 1) * PARALLEL_SHARD_ROWS])]
+        loss, stats = vocab_parallel_lmf_loss(*inputs, vocab_size=PARALLEL_VOCAB, reduction="none", impl="torch",
+                                              return_stats=True)
+        grad_hidden, _ = torch.autograd.grad(loss, inputs, torch.ones_like(loss))
+        torch.save([loss.detach(), stats.max, stats.argmax, grad_hidden], os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_nan_follows_torch_max(tmp_path):
+    """Vocab-parallel LMF over two gloo ranks: a NaN on one shard wins over +inf on the other at its first NaN, a
+    NaN on both shards goes to the lower index, a row of -inf to index 0, a tie of +inf across shards to the lower
+    index, the padded NaN rows never count; max, argmax, per-token loss and the finite tokens' dh are the unsharded
+    ones. (NaN never enters a collective, whose NaN ordering differs between backends.)"""
+    mp.spawn(_parallel_nan_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    hidden, weight = parallel_nan_head()
+    inputs = [leaf(hidden), leaf(weight)]
+    loss, stats = ceu.linear_lmf_loss(*inputs, vocab_size=PARALLEL_VOCAB, reduction="none", impl="torch",
+                                      return_stats=True)
+    grad_hidden, _ = torch.autograd.grad(loss, inputs, torch.ones_like(loss))
+    expected = torch_max_on_float64(hidden, weight, None, PARALLEL_VOCAB)
+    assert stats.argmax[:6].tolist() == [30, 0, 0, 5, 10, 0] and torch.equal(stats.argmax, expected[1])
+    finite = loss.isfinite()
+    for rank in range(2):
+        got_loss, got_max, got_argmax, got_hidden = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(got_argmax, stats.argmax)
+        torch.testing.assert_close(got_max, stats.max, equal_nan=True)
+        torch.testing.assert_close(got_loss, loss.detach(), equal_nan=True)
+        torch.testing.assert_close(got_hidden[finite], grad_hidden[finite])

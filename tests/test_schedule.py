@@ -11,9 +11,9 @@ import torch
 
 from ceu.config import UnlearnConfig
 from ceu.primal_dual import PrimalDual
-from ceu.schedule import decay_parameter_names, lr_factor, parameter_groups, training_schedule
+from ceu.schedule import decay_parameter_names, lr_factor, micro_batch_plan, parameter_groups, training_schedule
 from ceu.train import unlearn
-from test_train import qa_samples, tiny_model
+from helpers import qa_samples, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -149,3 +149,20 @@ def test_config_module_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "10.0"
+
+
+def test_micro_batch_plan_is_seeded_and_covers_each_epoch():
+    config = UnlearnConfig(epochs=2, batch_size=3, seed=7)
+    plan = micro_batch_plan(7, 4, config)
+    assert plan == micro_batch_plan(7, 4, config)
+    assert len(plan) == 6
+    for epoch in (plan[:3], plan[3:]):
+        assert sorted(i for forget, _ in epoch for i in forget) == list(range(7))
+    assert all(len(forget) == len(retain) for forget, retain in plan)
+    assert plan != micro_batch_plan(7, 4, UnlearnConfig(epochs=2, batch_size=3, seed=8))
+
+
+def test_lr_factor_warms_up_from_zero():
+    assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 6)] == pytest.approx([0.0, 0.5, 1.0, 0.5])
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 0, "constant") == 1.0

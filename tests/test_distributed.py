@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import qa_samples, tiny_model
+from helpers import qa_samples, tiny_model
 
 from ceu.train import UnlearnConfig, causal_lm, micro_batch_plan, rank_share, unlearn
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import qa_samples, tiny_model
+from helpers import qa_samples, tiny_model
 
 from ceu.train import UnlearnConfig, unlearn
 

@@ -1,0 +1,70 @@
+"""ceu.heads: the PDU step's losses on tiny Hugging Face models of several architectures against materialised logits,
+without calling the LM head module; the final hidden states; the reference quirks (unshifted mask, empty batch)."""
+import math
+
+import pytest
+import torch
+
+from ceu.config import UnlearnConfig
+from ceu.data import IGNORE_INDEX, pad_batch
+from ceu.heads import final_hidden_states, lm_head, pdu_losses
+from helpers import forbid_head_calls, qa_samples, tiny_model
+
+pytest.importorskip("transformers")
+
+
+def reference_losses(model, forget, retain, shifted=True):
+    """open-unlearning's PDU formulas on materialised logits from the model's ordinary forward."""
+    logits = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits.double()
+    labels = forget["labels"]
+    if shifted:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    per_token = (logits.max(-1).values - logits.mean(-1)) ** 2
+    forget_loss = (per_token * mask).sum() / mask.sum()
+    retain_loss = model(**retain).loss
+    return forget_loss, retain_loss
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma", "phi", "gpt2"])
+def test_pdu_losses_match_materialised_logits_without_calling_the_head(kind):
+    model = tiny_model(kind)
+    forget, retain = pad_batch(qa_samples(3), 0), pad_batch(qa_samples(3, seed=1), 0)
+    expected_forget, expected_retain = reference_losses(model, forget, retain)
+    hook = forbid_head_calls(model)
+    forget_loss, retain_loss = pdu_losses(model, forget, retain, UnlearnConfig(impl="torch"))
+    (forget_loss + retain_loss).backward()
+    hook.remove()
+    assert forget_loss.item() == pytest.approx(expected_forget.item(), rel=1e-4)
+    assert retain_loss.item() == pytest.approx(expected_retain.item(), rel=1e-5)
+    head = lm_head(model)
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    assert isinstance(lm_head(model), torch.nn.Linear)  # restored after the step
+
+
+def test_final_hidden_states_are_what_the_head_sees():
+    model = tiny_model()
+    batch = pad_batch(qa_samples(2), 0)
+    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(lm_head(model)(hidden), logits)
+
+
+def test_unshifted_mask_option_reproduces_the_reference_off_by_one():
+    model = tiny_model()
+    forget, retain = pad_batch(qa_samples(3), 0), pad_batch(qa_samples(3, seed=1), 0)
+    expected, _ = reference_losses(model, forget, retain, shifted=False)
+    forget_loss, _ = pdu_losses(model, forget, retain, UnlearnConfig(forget_mask="unshifted"))
+    assert forget_loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    shifted_loss, _ = pdu_losses(model, forget, retain, UnlearnConfig())
+    assert shifted_loss.item() != pytest.approx(forget_loss.item(), rel=1e-3)
+
+
+def test_batch_without_answer_tokens_gives_zero_or_the_references_nan():
+    model = tiny_model()
+    forget = pad_batch([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX] * 3}], 0)
+    retain = pad_batch(qa_samples(2), 0)
+    forget_loss, _ = pdu_losses(model, forget, retain, UnlearnConfig())
+    assert forget_loss.item() == 0.0
+    forget_loss, _ = pdu_losses(model, forget, retain, UnlearnConfig(empty_batch="nan"))
+    assert math.isnan(forget_loss.item())
