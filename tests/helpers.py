@@ -47,6 +47,19 @@ def device_impls() -> list[tuple[str, str]]:
     return pairs
 
 
+def cuda_kernels():
+    """The compiled CUDA kernels (``ceu_kernels._C``) where a CUDA device is present and the extension loads, else
+    None."""
+    if not torch.cuda.is_available():
+        return None
+    from ceu_kernels import cuda
+
+    try:
+        return cuda.kernels()
+    except RuntimeError:
+        return None
+
+
 def skip_unsupported(device: str, impl: str, dtype: torch.dtype) -> str | None:
     """The reason a combination cannot be checked here, or None."""
     if impl == "triton" and device == "cpu" and dtype == torch.bfloat16:
@@ -328,9 +341,10 @@ def tiny_model(kind="llama", **overrides):
     if kind == "phi":  # an LM head with a bias
         return transformers.PhiForCausalLM(transformers.PhiConfig(**TINY, **overrides))
     if kind == "gpt2":  # a head tied to the input embeddings
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=TINY_VOCAB, n_embd=16, n_layer=2, n_head=2,
-                                                                    n_positions=32, bos_token_id=1, eos_token_id=2,
-                                                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=TINY_VOCAB, n_embd=16, n_layer=2,
+                                                                    n_head=2, n_positions=32, bos_token_id=1,
+                                                                    eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                                    attn_pdrop=0.0))
     raise ValueError(kind)
 
 

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import ceu
-from helpers import (AUTOCAST_DTYPES, DTYPES, HIDDEN, KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_VARIANTS, N_TOKENS, VOCAB_SIZE,
-                     assert_autocast_changes_nothing, check_against_float64, check_against_reference, device_impls,
-                     grads, head, head_inputs, labels_for, leaf, make_labels, skip_unsupported, small_gap_inputs,
-                     triton_unavailable, under_autocast)
+from helpers import (AUTOCAST_DTYPES, DTYPES, HIDDEN, KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_VARIANTS, N_TOKENS,
+                     VOCAB_SIZE, assert_autocast_changes_nothing, assert_close, assert_no_worse_than_eager,
+                     check_against_float64, check_against_reference, cuda_kernels, device_impls, grads, head,
+                     head_inputs, labels_for, leaf, make_labels, skip_unsupported, small_gap_inputs, triton_unavailable,
+                     under_autocast)
 
 DEVICE_IMPLS = device_impls()
 SHAPES = {"nice": ((64,), 32, 256, None), "ragged": ((3, 13), 40, 300, 290)}
@@ -68,7 +69,7 @@ def test_chunk_sizes_and_custom_ignore_index_agree(device, impl):
         inputs = [leaf(hidden), leaf(weight), leaf(bias)]
         loss = ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2], ignore_index=7, reduction="sum",
                                         impl=impl, chunk_size=chunk_size)
-        torch.testing.assert_close(loss, expected_loss)
+        assert_close("loss", loss, expected_loss, torch.float64)
         assert torch.autograd.grad(loss, inputs[1])[0][7].abs().sum() > 0  # class 7 still gets its softmax share
 
 
@@ -86,7 +87,7 @@ def test_gradients_only_where_required(device, impl, wanted):
     for g, e in zip(got, expected):
         assert (g is None) == (e is None)
         if e is not None:
-            torch.testing.assert_close(g, e)
+            assert_close("grad", g, e, torch.float64)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
@@ -121,7 +122,7 @@ def test_int32_labels_and_module():
     labels = make_labels((9,), 40, "cpu")
     module = ceu.LinearCrossEntropyLoss(reduction="sum", chunk_size=2)
     expected = ceu.linear_cross_entropy(hidden, weight, labels, bias, reduction="sum")
-    torch.testing.assert_close(module(hidden, weight, labels.int(), bias), expected)
+    assert_close("loss", module(hidden, weight, labels.int(), bias), expected, torch.float32)
     assert "reduction='sum'" in repr(module)
 
 
@@ -181,3 +182,46 @@ def test_all_ignored_and_all_masked_batches_give_zero_with_zero_grads():
     total.backward()
     assert total.item() == 0.0
     assert all(t.grad is not None and not t.grad.any() for t in leaves)
+
+
+# ---- the CUDA backend end to end (GPU) ----------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(cuda_kernels() is None, reason="needs a CUDA device and the built extension ceu_kernels._C")
+# End-to-end shapes: (lead shape, H, V, vocab_size), with chunk sizes that force several chunks and backward tiles.
+E2E_SHAPES = {"ragged": ((3, 41), 72, 1000, 990), "wide": ((257,), 128, 5003, None)}
+
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", list(E2E_SHAPES))
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_end_to_end_matches_reference(shape, chunk_size, with_bias, dtype):
+    lead_shape, hidden_size, vocab, vocab_size = E2E_SHAPES[shape]
+    vocab_size = vocab_size or vocab
+    hidden, weight, bias = head_inputs(int(torch.tensor(lead_shape).prod()), hidden_size, vocab, dtype, "cuda",
+                                       bias=with_bias, lead_shape=lead_shape)
+    generator = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, vocab_size, lead_shape, generator=generator)
+    labels[torch.rand(lead_shape, generator=generator) < 0.3] = -100
+    labels = labels.cuda()
+
+    def run(tensors, impl=None):
+        inputs = [leaf(t) for t in tensors]
+        if impl is None:
+            logits = (inputs[0] @ inputs[1].T + (0 if inputs[2] is None else inputs[2]))[..., :vocab_size]
+            loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum")
+        else:
+            loss = ceu.linear_cross_entropy(*inputs[:2], labels, inputs[2], reduction="sum", impl=impl,
+                                            chunk_size=chunk_size, vocab_size=vocab_size)
+        return loss, grads(loss, inputs, torch.ones_like(loss))
+
+    loss, ours = run((hidden, weight, bias), "cuda")
+    reference, reference_grads = run([None if t is None else t.double() for t in (hidden, weight, bias)])
+    eager, eager_grads = run((hidden, weight, bias))
+    assert_no_worse_than_eager("loss", loss, eager, reference, dtype)
+    for name, got, eager_grad, expected in zip(("hidden", "weight", "bias"), ours, eager_grads, reference_grads):
+        if expected is not None:
+            assert got.dtype == dtype
+            assert_no_worse_than_eager(f"grad {name}", got, eager_grad, expected, dtype)

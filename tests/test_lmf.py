@@ -1,5 +1,6 @@
 """ceu.lmf: the fused LMF loss against the float64 eager reference, on every backend available here; hostile inputs
-(property tests on any shape, large logits, NaN/inf); the Triton backend end to end on its kernel tests' ragged shape."""
+(property tests on any shape, large logits, NaN/inf); the Triton backend end to end on its kernel tests' ragged
+shape."""
 import itertools
 
 import pytest
@@ -8,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ceu
-from helpers import (AUTOCAST_DTYPES, DTYPES, HIDDEN, INF, KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_VARIANTS, N_TOKENS, NAN,
-                     NON_FINITE_WARNINGS, TIE_PAIRS, VOCAB_SIZE, assert_autocast_changes_nothing,
-                     check_against_float64, check_against_reference, device_impls, grads, head, head_inputs, leaf,
-                     planted_integer_ties, random_mask, skip_unsupported, small_gap_inputs, torch_max_on_float64,
-                     triton_unavailable, under_autocast)
+from helpers import (AUTOCAST_DTYPES, DTYPES, HIDDEN, INF, KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_VARIANTS, NAN,
+                     NON_FINITE_WARNINGS, N_TOKENS, TIE_PAIRS, VOCAB_SIZE, assert_autocast_changes_nothing,
+                     assert_close, assert_no_worse_than_eager, check_against_float64, check_against_reference,
+                     cuda_kernels, device_impls, grads, head, head_inputs, leaf, planted_integer_ties, random_mask,
+                     skip_unsupported, small_gap_inputs, torch_max_on_float64, triton_unavailable, under_autocast)
 
 DEVICE_IMPLS = device_impls()
 # (lead shape of hidden, H, V, vocab_size): a block-friendly shape and a ragged one with a padded vocabulary.
@@ -78,11 +79,10 @@ def test_planted_ties_pick_first_index(device, impl, dtype):
     reference_inputs = [leaf(t, torch.float64) for t in (hidden, weight, bias)]
     reference = reference_outputs(*reference_inputs, None, "sum", None)
     reference_grad_weight = torch.autograd.grad(reference, reference_inputs[1])[0]
-    tolerance = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
     for first, second in TIE_PAIRS:
         # The first twin gets the whole +c h; the losing twin only the uniform -c/V share, as in the reference.
-        torch.testing.assert_close(grad_weight[[first, second]], reference_grad_weight[[first, second]],
-                                   rtol=tolerance, atol=tolerance)
+        assert_close(f"grad weight rows {first}, {second}", grad_weight[[first, second]],
+                     reference_grad_weight[[first, second]], dtype)
         assert (grad_weight[first] - grad_weight[second]).abs().max() > 1
 
 
@@ -95,13 +95,12 @@ def test_padded_vocab_rows_are_ignored(device, impl):
     inputs = [leaf(hidden), leaf(weight), leaf(bias)]
     loss = ceu.linear_lmf_loss(*inputs, impl=impl, vocab_size=64)
     expected = ceu.linear_lmf_loss(hidden, weight[:64], bias[:64], impl="torch")
-    torch.testing.assert_close(loss, expected)
+    assert_close("loss", loss, expected, torch.float32)
     grad_hidden, grad_weight, grad_bias = torch.autograd.grad(loss, inputs)
     assert grad_weight[64:].abs().max() == 0 and grad_bias[64:].abs().max() == 0
     reference_inputs = [leaf(t[:64] if t.dim() and t.shape[0] == 70 else t, torch.float64) for t in inputs]
     reference = reference_outputs(*reference_inputs, None, "mean", None)
-    torch.testing.assert_close(grad_hidden.double(), torch.autograd.grad(reference, reference_inputs[0])[0],
-                               rtol=1e-4, atol=1e-5)
+    assert_close("grad hidden", grad_hidden, torch.autograd.grad(reference, reference_inputs[0])[0], torch.float32)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
@@ -115,7 +114,7 @@ def test_chunk_sizes_agree(device, impl):
         results.append([loss, *torch.autograd.grad(loss, inputs)])
     for other in results[1:]:
         for expected, got in zip(results[0], other):
-            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+            assert_close("chunked", got, expected, torch.float64)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
@@ -131,7 +130,7 @@ def test_gradients_only_where_required(device, impl, wanted):
     for g, e in zip(got, expected):
         assert (g is None) == (e is None)
         if e is not None:
-            torch.testing.assert_close(g, e)
+            assert_close("grad", g, e, torch.float64)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
@@ -140,7 +139,7 @@ def test_no_grad_and_detached_inputs(device, impl):
     with torch.no_grad():
         loss = ceu.linear_lmf_loss(leaf(hidden), leaf(weight), impl=impl)
     assert loss.grad_fn is None
-    torch.testing.assert_close(loss, ceu.linear_lmf_loss(hidden, weight, impl=impl))
+    assert_close("loss", loss, ceu.linear_lmf_loss(hidden, weight, impl=impl), torch.float32)
     assert not ceu.linear_lmf_loss(hidden, weight, impl=impl).requires_grad
 
 
@@ -184,10 +183,10 @@ def test_return_stats_match_the_logits(device, impl):
                                       reduction="none")
     logits = (hidden @ weight.T + bias)[..., :55]
     assert isinstance(stats, ceu.LMFStats) and stats.argmax.shape == (3, 5)
-    torch.testing.assert_close(stats.max, logits.max(-1).values)
-    torch.testing.assert_close(stats.mean, logits.mean(-1))
+    assert_close("max", stats.max, logits.max(-1).values, torch.float64)
+    assert_close("mean", stats.mean, logits.mean(-1), torch.float64)
     assert torch.equal(stats.argmax, logits.argmax(-1))
-    torch.testing.assert_close(loss, (stats.max - stats.mean) ** 2)
+    assert_close("loss", loss, (stats.max - stats.mean) ** 2, torch.float64)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
@@ -201,7 +200,7 @@ def test_tied_embedding_gradients_accumulate(device, impl):
         tied = leaf(weight)
         hidden = torch.tanh(torch.nn.functional.embedding(tokens, tied) * 2)
         results.append(torch.autograd.grad(loss_fn(hidden, tied), tied)[0])
-    torch.testing.assert_close(results[0], results[1])
+    assert_close("grad weight", results[0], results[1], torch.float64)
 
 
 def test_module_matches_function():
@@ -209,7 +208,7 @@ def test_module_matches_function():
     mask = random_mask((9,))
     module = ceu.LinearLMFLoss(reduction="sum", chunk_size=2, vocab_size=37)
     expected = ceu.linear_lmf_loss(hidden, weight, bias, mask=mask, reduction="sum", vocab_size=37)
-    torch.testing.assert_close(module(hidden, weight, bias, mask=mask), expected)
+    assert_close("loss", module(hidden, weight, bias, mask=mask), expected, torch.float32)
     assert "reduction='sum'" in repr(module)
 
 
@@ -218,7 +217,7 @@ def test_mean_reduction_counts_only_masked_tokens():
     mask = random_mask((10,))
     per_token = ceu.linear_lmf_loss(hidden, weight, reduction="none")
     mean = ceu.linear_lmf_loss(hidden, weight, mask=mask)
-    torch.testing.assert_close(mean, per_token[mask].mean())
+    assert_close("mean", mean, per_token[mask].mean(), torch.float64)
 
 
 def test_half_precision_mean_is_upcast_in_chunks(monkeypatch):
@@ -227,9 +226,9 @@ def test_half_precision_mean_is_upcast_in_chunks(monkeypatch):
     expected = ceu.linear_lmf_loss(hidden, weight, bias, reduction="none", return_stats=True)[1].mean
     monkeypatch.setattr(ceu.lmf, "UPCAST_CHUNK_BYTES", 3 * 16 * 4)
     got = ceu.linear_lmf_loss(hidden, weight, bias, reduction="none", return_stats=True)[1].mean
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert_close("mean, upcast in chunks", got, expected, torch.float32)
     reference = (hidden.double() @ weight.double().T + bias.double()).mean(-1)
-    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+    assert_close("mean", got, reference, torch.float32)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
@@ -284,10 +283,10 @@ def test_lmf_any_shape_matches_reference(device, impl):
         reference = ceu.lmf_loss(logits, mask=mask, reduction=problem["reduction"], vocab_size=problem["vocab"])
         upstream = torch.linspace(0.5, 1.5, max(reference.numel(), 1), dtype=torch.float64,
                                   device=device)[: reference.numel()].reshape(reference.shape)
-        torch.testing.assert_close(loss, reference)
+        assert_close("loss", loss, reference, torch.float64)
         for got, expected in zip(grads(loss, inputs, upstream), grads(reference, reference_inputs, upstream)):
             if expected is not None:
-                torch.testing.assert_close(got, expected)
+                assert_close("grad", got, expected, torch.float64)
 
     check()
 
@@ -311,7 +310,7 @@ def test_logits_near_1e4_stay_finite(device, impl, dtype):
         for grad in torch.autograd.grad(loss, inputs):
             assert torch.isfinite(grad).all()
     expected = ceu.linear_lmf_loss(hidden, weight, bias, impl="torch")
-    torch.testing.assert_close(ceu.linear_lmf_loss(*inputs, impl=impl).double(), expected, rtol=2e-2, atol=0)
+    assert_close("loss", ceu.linear_lmf_loss(*inputs, impl=impl), expected, dtype)
 
 
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
@@ -358,7 +357,7 @@ def test_non_finite_token_stats_and_gradients(device, impl, poison, counted, dty
     expected = torch_max_on_float64(hidden, weight, bias, vocab_size)
     assert ((stats.argmax >= 0) & (stats.argmax < vocab_size)).all()
     assert torch.equal(stats.argmax, expected[1])
-    torch.testing.assert_close(stats.max, expected[0].to(stats.max.dtype), equal_nan=True)
+    assert_close("max", stats.max, expected[0], dtype, equal_nan=True)
 
     real = [leaf(hidden, torch.float64), leaf(weight[:vocab_size], torch.float64),
             leaf(None if bias is None else bias[:vocab_size], torch.float64)]
@@ -369,10 +368,10 @@ def test_non_finite_token_stats_and_gradients(device, impl, poison, counted, dty
         assert loss.isnan() if poison != poison else not loss.isfinite()
     else:
         assert loss.isfinite()
-        torch.testing.assert_close(loss, reference.to(loss.dtype))
+        assert_close("loss", loss, reference, dtype)
     others = [i for i in range(n_tokens) if i != poisoned]
     assert grad_hidden[others].isfinite().all()
-    torch.testing.assert_close(grad_hidden[others], reference_hidden[others].to(dtype))
+    assert_close("grad hidden", grad_hidden[others], reference_hidden[others], dtype)
     assert (grad_weight[vocab_size:] == 0).all()
     if with_bias:
         assert (grad_bias[vocab_size:] == 0).all()
@@ -404,3 +403,55 @@ def test_linear_lmf_loss_triton_matches_reference(dtype, reduction, variant):
         return ceu.lmf_loss(logits, mask=mask, reduction=reduction, vocab_size=VOCAB_SIZE)
 
     check_against_float64(fused, reference, (hidden, weight, bias), dtype, reduction)
+
+
+# ---- the CUDA backend end to end (GPU) ----------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(cuda_kernels() is None, reason="needs a CUDA device and the built extension ceu_kernels._C")
+# End-to-end shapes: (lead shape, H, V, vocab_size), with chunk sizes that force several chunks and backward tiles.
+E2E_SHAPES = {"ragged": ((3, 41), 72, 1000, 990), "wide": ((257,), 128, 5003, None)}
+
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", list(E2E_SHAPES))
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("variant", ["plain", "bias+mask"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lmf_end_to_end_matches_reference(shape, chunk_size, variant, reduction, dtype):
+    lead_shape, hidden_size, vocab, vocab_size = E2E_SHAPES[shape]
+    with_extras = variant == "bias+mask"
+    hidden, weight, bias = head_inputs(int(torch.tensor(lead_shape).prod()), hidden_size, vocab, dtype, "cuda",
+                                       bias=with_extras, lead_shape=lead_shape)
+    mask = random_mask(lead_shape, "cuda") if with_extras else None
+
+    def run(tensors, impl=None):
+        inputs = [leaf(t) for t in tensors]
+        if impl is None:
+            logits = inputs[0] @ inputs[1].T + (0 if inputs[2] is None else inputs[2])
+            loss = ceu.lmf_loss(logits, mask=mask, reduction=reduction, vocab_size=vocab_size)
+        else:
+            loss = ceu.linear_lmf_loss(*inputs, mask=mask, reduction=reduction, impl=impl, chunk_size=chunk_size,
+                                       vocab_size=vocab_size)
+        upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+        return loss, grads(loss, inputs, upstream.to(device=loss.device, dtype=loss.dtype))
+
+    loss, ours = run((hidden, weight, bias), "cuda")
+    reference, reference_grads = run([None if t is None else t.double() for t in (hidden, weight, bias)])
+    eager, eager_grads = run((hidden, weight, bias))
+    assert_no_worse_than_eager("loss", loss, eager, reference, dtype)
+    for name, got, eager_grad, expected in zip(("hidden", "weight", "bias"), ours, eager_grads, reference_grads):
+        if expected is not None:
+            assert got.dtype == dtype
+            assert_no_worse_than_eager(f"grad {name}", got, eager_grad, expected, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_planted_ties_pick_the_first_index_end_to_end(dtype):
+    tie_pairs = [(3, 2999), (0, 1), (1024, 2048), (17, 1500), (2990, 2991)]  # within and across chunks
+    hidden, weight, bias = planted_integer_ties(3000, 64, tie_pairs=tie_pairs)  # exact in any summation order
+    _, stats = ceu.linear_lmf_loss(hidden.to("cuda", dtype), weight.to("cuda", dtype), bias.to("cuda", dtype),
+                                   impl="cuda", return_stats=True)
+    assert stats.argmax.tolist() == [first for first, _ in tie_pairs]

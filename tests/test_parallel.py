@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 import ceu
 from ceu.parallel import vocab_parallel_lmf_loss
-from helpers import INF, NAN, head_inputs, leaf, random_mask, small_gap_inputs, torch_max_on_float64
+from helpers import INF, NAN, assert_close, head_inputs, leaf, random_mask, small_gap_inputs, torch_max_on_float64
 
 WORLD_SIZE, SHARD_ROWS, HIDDEN_SIZE, N_TOKENS = 2, 37, 12, 15
 # name -> (global vocab_size, reduction); 70 pads the last 4 rows, 30 leaves rank 1 only padding.
@@ -72,11 +72,11 @@ def test_matches_unsharded(rank_results, name):
     assert stats.argmax[0] == 5  # the tie across shards goes to the lower global index
     for rank, (got_loss, got_argmax, got_hidden, got_weight, got_bias) in enumerate(r[name] for r in rank_results):
         rows = slice(rank * SHARD_ROWS, (rank + 1) * SHARD_ROWS)
-        torch.testing.assert_close(got_loss, loss.detach())
+        assert_close("loss", got_loss, loss.detach(), torch.float64)
         assert torch.equal(got_argmax, stats.argmax)
-        torch.testing.assert_close(got_hidden, grad_hidden)
-        torch.testing.assert_close(got_weight, grad_weight[rows])
-        torch.testing.assert_close(got_bias, grad_bias[rows])
+        assert_close("grad hidden", got_hidden, grad_hidden, torch.float64)
+        assert_close("grad weight", got_weight, grad_weight[rows], torch.float64)
+        assert_close("grad bias", got_bias, grad_bias[rows], torch.float64)
 
 
 def test_autocast_changes_nothing(rank_results):
@@ -138,6 +138,6 @@ def test_vocab_parallel_nan_follows_torch_max(tmp_path):
     for rank in range(2):
         got_loss, got_max, got_argmax, got_hidden = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(got_argmax, stats.argmax)
-        torch.testing.assert_close(got_max, stats.max, equal_nan=True)
-        torch.testing.assert_close(got_loss, loss.detach(), equal_nan=True)
-        torch.testing.assert_close(got_hidden[finite], grad_hidden[finite])
+        assert_close("max", got_max, stats.max, torch.float64, equal_nan=True)
+        assert_close("loss", got_loss, loss.detach(), torch.float64, equal_nan=True)
+        assert_close("grad hidden", got_hidden[finite], grad_hidden[finite], torch.float64)
