@@ -71,11 +71,6 @@ def test_resume_refuses_a_different_data_order(tmp_path):
                 run_config(tmp_path, epochs=2, seed=1, resume_from=str(tmp_path / "checkpoints" / "step-000001.pt")))
 
 
-def test_checkpoint_every_needs_a_directory():
-    with pytest.raises(ValueError, match="checkpoint_dir"):
-        UnlearnConfig(checkpoint_every=2)
-
-
 def test_deterministic_runs_are_bitwise_repeatable_and_restore_the_global_setting(tmp_path):
     forget, retain = qa_samples(6), qa_samples(5, seed=1)
     runs = []

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import qa_samples, tiny_model
 
+from ceu.distributed import distributed_mean
 from ceu.train import UnlearnConfig, causal_lm, micro_batch_plan, rank_share, unlearn
 
 pytest.importorskip("transformers")
@@ -105,6 +106,11 @@ def run_two_ranks(tmp_path, parallel, **overrides):
 
 def logged_lambdas(path):
     return [json.loads(line)["lambda"] for line in Path(path).read_text().splitlines()]
+
+
+def test_distributed_mean_is_identity_without_a_process_group():
+    value = torch.tensor(0.25)
+    assert distributed_mean(value) is value
 
 
 def test_ranks_take_disjoint_shares_that_cover_each_global_micro_batch():

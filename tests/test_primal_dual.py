@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ceu.primal_dual import PrimalDual, distributed_mean, relative_epsilon
+from ceu.primal_dual import PrimalDual, relative_epsilon
 
 
 def t(value):
@@ -92,11 +92,6 @@ def test_default_reduce_averages_over_a_fake_process_group(monkeypatch):
     pd = PrimalDual(lambda_init=10.0, dual_lr=2.0, epsilon=0.5, group=group)
     assert run_window(pd, [0.9, 0.7]) == pytest.approx(11.0)
     assert calls == [(dist.ReduceOp.SUM, group)]
-
-
-def test_distributed_mean_is_identity_without_a_process_group():
-    value = t(0.25)
-    assert distributed_mean(value) is value
 
 
 def test_lagrangian_value_and_gradients():
