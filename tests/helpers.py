@@ -16,8 +16,8 @@ against a reference.
   magnitude (at least 1), where ``dtype`` is the precision the result was computed in (the statistics' dtype for
   per-token values of half-precision inputs). ``equal_nan=True`` asks non-finite reference entries to be matched
   exactly.
-- **Exact** (``torch.equal``): where bitwise equality is the claim: argmax indices, determinism, autocast changing
-  nothing, ranks agreeing with each other.
+- **Exact** (``torch.equal``): where bitwise equality is the claim: argmax indices, planted ties, determinism and
+  resumed runs, autocast changing nothing, every rank holding the same values.
 """
 import pytest
 import torch
