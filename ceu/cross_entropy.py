@@ -1,7 +1,11 @@
 """Fused LM-head cross-entropy for the retain loss: matches ``F.cross_entropy(hidden @ weight.T + bias, labels)``
-without holding ``[tokens, V]`` logits; the backward recomputes each chunk's logits.
+without holding ``[tokens, V]`` logits. For the scalar reductions on a backend that can (the chunked PyTorch path),
+the gradients are formed in the forward from the same logits and the backward only scales them; otherwise the
+backward recomputes each chunk's logits.
 """
 import torch
+
+from ceu_kernels.contract import fuses_ce_gradients, stat_dtype
 
 from . import backends, checks, ops
 from .lmf import autocast_disabled, backward_without_autocast
@@ -31,6 +35,36 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+class LinearCrossEntropyGradsInForwardFunction(torch.autograd.Function):
+    """The scalar reductions (``"mean"``, ``"sum"``) when a gradient is needed, on a backend that forms gradients in
+    its forward (:func:`ceu_kernels.contract.fuses_ce_gradients`): returns the reduced loss and saves ``dh``, ``dW``
+    and ``db`` of it (dW and db in the accumulator dtype); the backward multiplies them by the upstream scalar,
+    out of place, so a second backward (``retain_graph=True``) gives the same gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size, reduction,
+                needs_hidden, needs_weight, needs_bias):
+        valid = labels != ignore_index
+        count = valid.sum().clamp_min(1) if reduction == "mean" else None  # on the device: no host sync
+        dtype = stat_dtype(hidden.dtype)
+        scale = torch.ones((), dtype=dtype, device=hidden.device) if count is None else 1 / count.to(dtype)
+        per_token, _, grad_hidden, grad_weight, grad_bias = ops.ce_forward_backward(
+            hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size,
+            scale.expand(hidden.shape[0]), needs_hidden, needs_weight, needs_bias)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return reduce_tokens(per_token, valid, reduction)
+
+    @staticmethod
+    @backward_without_autocast
+    def backward(ctx, grad_loss):
+        saved = ctx.saved_tensors
+        dtypes = (ctx.dtypes[0], ctx.dtypes[1], ctx.dtypes[1])
+        grads = [(grad * grad_loss).to(dtype) if need else None
+                 for grad, dtype, need in zip(saved, dtypes, ctx.needs_input_grad)]
+        return (*grads, *[None] * 9)
+
+
 def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100, reduction="mean", impl="auto",
                          chunk_size=None, vocab_size=None):
     """Cross-entropy of the LM head ``z = hidden @ weight.T + bias`` against ``labels`` without materialising z.
@@ -40,14 +74,33 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100
     Labels are not shifted: pass ``labels[..., 1:]`` with ``hidden[..., :-1, :]`` for next-token prediction.
     Autocast does not change what is computed: the GEMMs run in the inputs' dtype, the softmax in float32 (float64
     for float64 inputs).
+
+    Gradients: for ``reduction="mean"`` or ``"sum"`` with a gradient needed (grad mode on and some input requiring
+    grad) on a backend that can (``impl="torch"``, the CPU path; see
+    :func:`ceu_kernels.contract.fuses_ce_gradients`), they are formed in the forward from the same logits chunks
+    (three GEMMs and one exponential pass in all, against four GEMMs when the backward recomputes), only for the
+    inputs that require grad; the backward multiplies them by the upstream scalar. So between forward and backward
+    the graph holds ``dh [N, H]`` in hidden's dtype and ``dW [V, H]``, ``db [V]`` in the accumulator dtype (float32,
+    float64 for float64 inputs) instead of the inputs and a ``[N]`` log-sum-exp, and the backward briefly holds a
+    second ``[V, H]`` (the scaled copy in the weight's dtype). The backward never changes what it saved: calling it
+    twice (``retain_graph=True``) gives the same gradients. ``reduction="none"``, whose upstream gradient is per
+    token, and the Triton and CUDA backends keep the backward that recomputes the logits. Under ``torch.no_grad``,
+    or when no input requires grad, no gradient is computed. Both paths are custom ops with fake kernels, so
+    ``torch.compile(fullgraph=True)`` traces them without a graph break (which path is taken is fixed at trace
+    time by grad mode and ``requires_grad``, which dynamo guards on). Not twice differentiable (neither path is).
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_labels(labels, hidden, vocab_size, ignore_index)
     backend = backends.choose(impl, hidden.device, "ce", hidden.dtype)  # the one backend decision of this call
     flat_labels = labels.reshape(-1)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     with autocast_disabled(hidden.device):
-        loss = LinearCrossEntropyFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_labels,
-                                                vocab_size, ignore_index, backend, chunk_size)
+        if reduction != "none" and any(needs) and fuses_ce_gradients(backend):
+            return LinearCrossEntropyGradsInForwardFunction.apply(flat_hidden, weight, bias, flat_labels, vocab_size,
+                                                                  ignore_index, backend, chunk_size, reduction, *needs)
+        loss = LinearCrossEntropyFunction.apply(flat_hidden, weight, bias, flat_labels, vocab_size, ignore_index,
+                                                backend, chunk_size)
         loss = reduce_tokens(loss, flat_labels != ignore_index, reduction)
     return loss.reshape(labels.shape) if reduction == "none" else loss
 

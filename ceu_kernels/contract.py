@@ -42,7 +42,8 @@ def interpreting() -> bool:
 
 
 class Backend(Protocol):
-    """The backend contract: four functions on flattened inputs, with one set of conventions for every backend.
+    """The backend contract: four functions on flattened inputs, with one set of conventions for every backend, and
+    one optional fifth, ``ce_forward_backward`` (see :func:`fuses_ce_gradients`).
 
     Inputs: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, all of one floating dtype and device; only
     the first ``vocab_size`` rows of ``weight``/``bias`` are the real vocabulary, the rest is padding that never
@@ -66,6 +67,10 @@ class Backend(Protocol):
       ``labels == ignore_index``) and the log-sum-exp. Both are reductions of the logits row (the target logit is
       read from the same rounded logits as the log-sum-exp), and ``ignore_index`` masking stays here because the
       labels index the vocabulary. ``ce_backward`` takes ``grad = dloss/dloss_token`` per token.
+    * Cross-entropy with the gradients formed in the forward (optional): ``ce_forward_backward`` is ``ce_forward``
+      plus the gradients of ``sum(grad * per_token_loss)`` from the same logits, for a ``grad`` known before the
+      backward (a scalar reduction's ``1/count`` or ``1``); ``dW`` and ``db`` come back in the statistics dtype,
+      which the caller scales by the upstream scalar before casting them to the weight's dtype.
 
     Max and argmax follow ``torch.max(dim)``: ties go to the first index, a row holding NaN has max NaN at its first
     NaN, and the argmax is always a real row. An argmax handed to ``lmf_backward`` outside ``[0, vocab_size)`` is
@@ -92,6 +97,32 @@ class Backend(Protocol):
                     needs_weight: bool, needs_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """Gradients of ``sum(grad * per_token_loss)``: recompute the logits, form ``grad (softmax - onehot)``
         (zero at ignored tokens) and run the two GEMMs ``dlogits @ W`` and ``dlogits.T @ h``."""
+
+    def ce_forward_backward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                            vocab_size: int, ignore_index: int, chunk_size: int | None, grad: Tensor,
+                            needs_hidden: bool, needs_weight: bool, needs_bias: bool
+                            ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Optional. ``ce_forward``'s ``(per_token, lse)`` and the gradients of ``sum(grad * per_token_loss)``
+        formed from the forward's own logits (no recompute): ``dh`` in hidden's dtype, ``dW``/``db`` in the
+        statistics dtype, ``None`` where not needed. Only the torch backend provides it (see
+        :func:`fuses_ce_gradients`)."""
+
+
+def fuses_ce_gradients(name: str) -> bool:
+    """Whether backend ``name`` forms the cross-entropy gradients in its forward: the one decision, made here.
+
+    A backend does exactly when it provides ``ce_forward_backward``; today that is ``"torch"`` (the chunked PyTorch
+    path, where it saves one of four GEMMs and an exponential pass). Every other backend, today Triton and CUDA,
+    falls back to the default: ``ce_forward``, then ``ce_backward`` recomputing the logits in the backward, with
+    nothing but the inputs and the log-sum-exp held in between. ``ceu.linear_cross_entropy`` asks this once per
+    call, for the scalar reductions when a gradient is needed; ``reduction="none"`` always recomputes.
+    """
+    return name in _FUSING_CE
+
+
+_FUSING_CE = frozenset(("torch",))
+"""The backends whose module provides ``ce_forward_backward`` (kept as names so that :func:`fuses_ce_gradients` needs
+no import and traces under ``torch.compile``; a test checks it against the modules)."""
 
 
 @functools.cache

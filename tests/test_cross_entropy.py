@@ -225,3 +225,156 @@ def test_cross_entropy_end_to_end_matches_reference(shape, chunk_size, with_bias
         if expected is not None:
             assert got.dtype == dtype
             assert_no_worse_than_eager(f"grad {name}", got, eager_grad, expected, dtype)
+
+
+# ---- gradients formed in the forward (scalar reductions on the torch backend) -------------------------------------
+
+
+def _recording_torch_backend(monkeypatch):
+    """Records which of the torch backend's cross-entropy functions run, and with which ``needs_*``."""
+    from ceu_kernels import chunked
+
+    calls = []
+    for name in ("ce_forward", "ce_backward", "ce_forward_backward"):
+        real = getattr(chunked, name)
+
+        def recording(*args, _name=name, _real=real):
+            calls.append((_name, tuple(a for a in args[-3:] if isinstance(a, bool))))
+            return _real(*args)
+        monkeypatch.setattr(chunked, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("wanted", [(True, True, True), (False, True, False), (True, False, False)], ids=str)
+def test_scalar_reductions_form_gradients_in_the_forward(monkeypatch, reduction, wanted):
+    """"mean"/"sum" with a gradient needed: one backend call, in the forward, with the gradients asked for; the
+    backward calls no backend. "none" keeps the forward + recompute pair. The gradients agree either way."""
+    calls = _recording_torch_backend(monkeypatch)
+    hidden, weight, bias = head_inputs(11, 16, 40, torch.float64, bias=True)
+    labels = make_labels((11,), 40, "cpu")
+    inputs = [leaf(t, requires_grad=r) for t, r in zip((hidden, weight, bias), wanted)]
+    loss = ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2], reduction=reduction, impl="torch",
+                                    chunk_size=4)
+    forward_calls = list(calls)
+    got = grads(loss, inputs, torch.full(loss.shape, 1.5, dtype=torch.float64))
+    if reduction == "none":
+        assert forward_calls == [("ce_forward", ())] and calls[1:] == [("ce_backward", wanted)]
+    else:
+        assert forward_calls == [("ce_forward_backward", wanted)] and calls == forward_calls
+    reference_inputs = [leaf(t, requires_grad=r) for t, r in zip((hidden, weight, bias), wanted)]
+    expected_loss = reference_outputs(*reference_inputs, labels, reduction, 40)
+    expected = grads(expected_loss, reference_inputs, torch.full(loss.shape, 1.5, dtype=torch.float64))
+    assert_close("loss", loss, expected_loss, torch.float64)
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if e is not None:
+            assert_close("grad", g, e, torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_gradient_is_formed_when_none_is_needed(monkeypatch, reduction):
+    """Under torch.no_grad, or with no input requiring grad, the scalar reductions run the forward only."""
+    calls = _recording_torch_backend(monkeypatch)
+    hidden, weight, bias = head_inputs(9, 16, 40, torch.float32, bias=True)
+    labels = make_labels((9,), 40, "cpu")
+    with torch.no_grad():
+        quiet = ceu.linear_cross_entropy(leaf(hidden), leaf(weight), labels, leaf(bias), reduction=reduction)
+    plain = ceu.linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction)
+    assert calls == [("ce_forward", ())] * 2
+    assert quiet.grad_fn is None and plain.grad_fn is None
+    assert_close("loss", quiet, reference_outputs(hidden, weight, bias, labels, reduction, 40), torch.float32)
+    assert torch.equal(quiet, plain)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_twice_and_what_is_held_between(reduction, dtype):
+    """Between forward and backward the graph holds dh [N, H] in hidden's dtype and dW [V, H], db [V] in the
+    accumulator dtype (float32 here), not the inputs; the backward scales them out of place, so a second backward
+    with retain_graph gives the same gradients, and accumulating into .grad twice doubles them."""
+    hidden, weight, bias = head_inputs(10, 16, 40, dtype, bias=True)
+    labels = make_labels((10,), 40, "cpu")
+    inputs = [leaf(t) for t in (hidden, weight, bias)]
+    held = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        loss = ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2], reduction=reduction)
+    assert held == [((10, 16), dtype), ((40, 16), torch.float32), ((40,), torch.float32)]
+    first = torch.autograd.grad(2.5 * loss, inputs, retain_graph=True)
+    second = torch.autograd.grad(2.5 * loss, inputs, retain_graph=True)
+    assert all(torch.equal(a, b) and a.dtype == dtype for a, b in zip(first, second))
+    (3.0 * loss).backward(retain_graph=True)
+    (3.0 * loss).backward()
+    once = torch.autograd.grad(3.0 * ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2],
+                                                              reduction=reduction), inputs)
+    for leaf_, grad in zip(inputs, once):
+        assert_close("grad twice", leaf_.grad, 2 * grad, dtype)
+
+
+def test_every_ignored_label_gives_zero_connected_gradients_formed_in_the_forward(monkeypatch):
+    """"mean" with every label ignored: loss 0 (not NaN), grads exactly zero but present, from the fused path; a
+    per-token ignore_index other than -100 masks exactly its tokens."""
+    calls = _recording_torch_backend(monkeypatch)
+    hidden, weight, bias = head_inputs(8, 16, 40, torch.float32, bias=True)
+    inputs = [leaf(t) for t in (hidden, weight, bias)]
+    loss = ceu.linear_cross_entropy(inputs[0], inputs[1], torch.full((8,), 3), inputs[2], ignore_index=3)
+    assert loss.item() == 0.0 and loss.requires_grad and calls == [("ce_forward_backward", (True, True, True))]
+    assert all(g is not None and not g.any() for g in torch.autograd.grad(loss, inputs))
+    labels = torch.tensor([3, 5, 3, 7, 0, 3, 39, 1])
+    loss = ceu.linear_cross_entropy(*inputs[:2], labels, inputs[2], ignore_index=3)
+    expected = reference_outputs(hidden, weight, bias, labels, "mean", 40, ignore_index=3)
+    assert_close("loss", loss, expected, torch.float32)
+    grad_hidden = torch.autograd.grad(loss, inputs[0])[0]
+    assert not grad_hidden[labels == 3].any() and grad_hidden[labels != 3].abs().sum(1).min() > 0
+
+
+def test_the_fused_op_is_a_well_formed_custom_op():
+    """The custom op ceu::ce_forward_backward: schema, fake (meta) kernel and real kernel agree, so
+    torch.compile(fullgraph=True) traces it as one opaque node."""
+    from ceu import ops
+
+    hidden, weight, bias = head_inputs(6, 8, 20, torch.float32, bias=True)
+    labels = make_labels((6,), 18, "cpu")
+    grad = torch.full((6,), 0.25)
+    for needs in ((True, True, True), (False, True, False)):
+        torch.library.opcheck(ops.ce_forward_backward,
+                              (hidden, weight, bias, labels, 18, -100, "torch", 4, grad, *needs),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fuses_ce_gradients_names_the_backends_that_provide_it():
+    """The one decision (contract.fuses_ce_gradients) matches what the backends provide, with the contract's
+    arguments; the others fall back to forward + recompute."""
+    import importlib.util
+    import inspect
+
+    from ceu_kernels import contract
+
+    expected = list(inspect.signature(contract.Backend.ce_forward_backward).parameters)[1:]
+    for name in contract.NAMES:
+        if name == "triton" and importlib.util.find_spec("triton") is None:
+            continue
+        function = getattr(contract.load(name), "ce_forward_backward", None)
+        assert contract.fuses_ce_gradients(name) == (function is not None), name
+        if function is not None:
+            assert list(inspect.signature(function).parameters) == expected, name
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_fullgraph_compile_of_some_gradients(reduction):
+    """torch.compile(fullgraph=True) traces both paths with only the weight requiring grad, matching eager."""
+    hidden, weight, bias = head_inputs(12, 16, 40, torch.float32, bias=True)
+    labels = make_labels((12,), 40, "cpu")
+
+    def loss_fn(h, w, b):
+        return ceu.linear_cross_entropy(torch.tanh(h), w, labels, b, reduction=reduction, impl="torch").sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    results = []
+    for function in (loss_fn, compiled):
+        inputs = [leaf(hidden, requires_grad=False), leaf(weight), leaf(bias, requires_grad=False)]
+        loss = function(*inputs)
+        results.append((loss, torch.autograd.grad(loss, inputs[1])[0]))
+    for expected, got in zip(*results):
+        assert_close("compiled", got, expected, torch.float32)

@@ -20,7 +20,9 @@ def test_the_backward_runs_on_the_forwards_backend(monkeypatch):
     real_choose = backends.choose
     monkeypatch.setattr(backends, "choose", lambda *args: chosen.append(args[0]) or real_choose(*args))
     hidden, weight = torch.randn(4, H, requires_grad=True), torch.randn(V, H, requires_grad=True)
-    loss = ceu.linear_lmf_loss(hidden, weight) + ceu.linear_cross_entropy(hidden, weight, torch.zeros(4, dtype=int))
+    # reduction="none": the cross-entropy backward that recomputes (the scalar reductions form it in the forward)
+    per_token = ceu.linear_cross_entropy(hidden, weight, torch.zeros(4, dtype=int), reduction="none")
+    loss = ceu.linear_lmf_loss(hidden, weight) + per_token.sum()
     monkeypatch.setattr(backends, "choose", lambda *args: pytest.fail("the backward chose a backend again"))
     loss.backward()
     assert chosen == ["auto", "auto"] and looked_up == ["torch"] * 4
