@@ -5,7 +5,7 @@ backward recomputes each chunk's logits.
 """
 import torch
 
-from ceu_kernels.contract import fuses_ce_gradients, stat_dtype
+from ceu_kernels.contract import fuses_ce_gradients
 
 from . import backends, checks, ops
 from .lmf import autocast_disabled, backward_without_autocast
@@ -45,23 +45,24 @@ class LinearCrossEntropyGradsInForwardFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size, reduction,
                 needs_hidden, needs_weight, needs_bias):
         valid = labels != ignore_index
-        count = valid.sum().clamp_min(1) if reduction == "mean" else None  # on the device: no host sync
-        dtype = stat_dtype(hidden.dtype)
-        scale = torch.ones((), dtype=dtype, device=hidden.device) if count is None else 1 / count.to(dtype)
         per_token, _, grad_hidden, grad_weight, grad_bias = ops.ce_forward_backward(
-            hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size,
-            scale.expand(hidden.shape[0]), needs_hidden, needs_weight, needs_bias)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        return reduce_tokens(per_token, valid, reduction)
+            hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size, needs_hidden, needs_weight,
+            needs_bias)
+        loss = reduce_tokens(per_token, valid, reduction)
+        # the gradients are of the sum; "mean" divides them by the count (on the device: no host sync)
+        scale = (1 / valid.sum().clamp_min(1).to(loss.dtype) if reduction == "mean"
+                 else torch.ones((), dtype=loss.dtype, device=loss.device))
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, scale)
+        ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
+        return loss
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx, grad_loss):
-        saved = ctx.saved_tensors
-        dtypes = (ctx.dtypes[0], ctx.dtypes[1], ctx.dtypes[1])
-        grads = [(grad * grad_loss).to(dtype) if need else None
-                 for grad, dtype, need in zip(saved, dtypes, ctx.needs_input_grad)]
+        *saved, scale = ctx.saved_tensors
+        factor = grad_loss * scale
+        grads = [(grad * factor).to(dtype) if need else None
+                 for grad, dtype, need in zip(saved, ctx.dtypes, ctx.needs_input_grad)]
         return (*grads, *[None] * 9)
 
 

@@ -78,16 +78,16 @@ def _(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_index, backend
 
 @torch.library.custom_op("ceu::ce_forward_backward", mutates_args=())
 def ce_forward_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, vocab_size: int,
-                        ignore_index: int, backend: str, chunk_size: int | None, grad: Tensor, needs_hidden: bool,
+                        ignore_index: int, backend: str, chunk_size: int | None, needs_hidden: bool,
                         needs_weight: bool, needs_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     needs = (needs_hidden, needs_weight, needs_bias)
     per_token, lse, *found = load(backend).ce_forward_backward(hidden, weight, bias, labels, vocab_size,
-                                                               ignore_index, chunk_size, grad, *needs)
+                                                               ignore_index, chunk_size, *needs)
     return per_token, lse, *(_grad_or_empty(need, found_grad, hidden) for need, found_grad in zip(needs, found))
 
 
 @ce_forward_backward.register_fake
-def _(hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size, grad, needs_hidden, needs_weight,
+def _(hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size, needs_hidden, needs_weight,
       needs_bias):
     acc = stat_dtype(hidden.dtype)
     per_token = hidden.new_empty(hidden.shape[0], dtype=acc)

@@ -138,13 +138,17 @@ def ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_inde
     return grad_hidden, grad_weight, grad_bias
 
 
-def ce_forward_backward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size, grad,
+def ce_forward_backward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size,
                         needs_hidden, needs_weight, needs_bias):
-    """:func:`ce_forward` and the gradients of ``sum(grad * per_token_loss)`` in one pass over the logits.
+    """:func:`ce_forward` and the gradients of the sum of the per-token losses in one pass over the logits.
 
-    Each chunk's logits are read for the log-sum-exp and the target logit, then turned in place into
-    ``grad (softmax - onehot)`` with one exponential pass, and the two gradient GEMMs run on them at once: three
-    GEMMs in all, against four for :func:`ce_forward` then :func:`ce_backward`. ``dW`` and ``db`` come back in the
+    Each chunk's logits give the target logit and the row max, then become the softmax in place
+    (``torch.softmax``: the one exponential pass, row by row in cache) and ``softmax - onehot`` at the counted
+    tokens; the log-sum-exp is ``max - log(largest probability)`` (that probability is ``1 / sum(exp(z - max))``,
+    never below ``1/V``), exact where the target's probability underflows.
+    The two gradient GEMMs run on the chunk at once, three GEMMs in all against four for :func:`ce_forward` then
+    :func:`ce_backward`. Ignored tokens are masked on the small operands (their ``dh`` rows and ``hidden`` rows for
+    ``dW``, a 0/1 vector for ``db``), never by another pass over the logits. ``dW`` and ``db`` come back in the
     accumulator dtype (:func:`~ceu_kernels.contract.stat_dtype`), ``dh`` in hidden's dtype.
     """
     n_tokens = hidden.shape[0]
@@ -155,42 +159,61 @@ def ce_forward_backward(hidden, weight, bias, labels, vocab_size, ignore_index, 
     acc = buffer_acc.dtype
     valid = labels != ignore_index
     targets = torch.where(valid, labels, 0).long()
-    token_grad = torch.where(valid, grad, 0.0).to(acc)
+    counted = valid.to(acc)
     lse = torch.empty(n_tokens, dtype=acc, device=hidden.device)
     target_logit = torch.empty_like(lse)
     found = _ce_gradient_outputs(hidden, weight, acc, needs_hidden, needs_weight, needs_bias)
     for start in range(0, n_tokens, rows):
         stop = min(start + rows, n_tokens)
-        hidden_chunk = hidden[start:stop]
-        chunk_targets, chunk_grad = targets[start:stop, None], token_grad[start:stop, None]
-        logits = _chunk_logits_acc(buffer, buffer_acc, hidden_chunk, weight_t, bias)
+        chunk_targets = targets[start:stop, None]
+        logits = _chunk_logits_acc(buffer, buffer_acc, hidden[start:stop], weight_t, bias)
         target_logit[start:stop] = logits.gather(1, chunk_targets).squeeze(1)
-        row_max = logits.amax(dim=1, keepdim=True)
-        dlogits = logits.sub_(row_max).exp_()  # the one exponential pass
-        sums = dlogits.sum(dim=1, keepdim=True)
-        torch.add(row_max.squeeze(1), sums.log().squeeze(1), out=lse[start:stop])
-        dlogits.mul_(chunk_grad / sums).scatter_add_(1, chunk_targets, -chunk_grad)
-        _chunk_gradients(dlogits, buffer, hidden_chunk, weight_real, start, found)
+        row_max = logits.amax(dim=1)
+        probs = torch.softmax(logits, dim=1, out=logits)  # in place: the one exponential pass
+        torch.sub(row_max, probs.amax(dim=1).log(), out=lse[start:stop])  # the largest probability is 1 / sum
+        probs.scatter_add_(1, chunk_targets, -counted[start:stop, None])
+        _chunk_gradients(probs, buffer, hidden[start:stop], weight_real, start, found, counted[start:stop])
     per_token = torch.where(valid, lse - target_logit, 0.0)
     return per_token, lse, *found
 
 
 def _ce_gradient_outputs(hidden, weight, acc, needs_hidden, needs_weight, needs_bias):
-    """The gradient outputs the chunk loop fills: dh in hidden's dtype, dW and db zeroed in the accumulator dtype."""
-    return (torch.empty_like(hidden) if needs_hidden else None,
-            torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_weight else None,
+    """The gradient outputs the chunk loop fills: dh in hidden's dtype, dW and db in the accumulator dtype, zeroed
+    (dW written by its first chunk's GEMM instead when there is at least one token, the padded rows zeroed)."""
+    grad_weight = None
+    if needs_weight:
+        if hidden.shape[0] == 0:
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        else:
+            grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device)
+    return (torch.empty_like(hidden) if needs_hidden else None, grad_weight,
             torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs_bias else None)
 
 
-def _chunk_gradients(dlogits, buffer, hidden_chunk, weight_real, start, found):
-    """One chunk's share of the gradients from its ``dlogits`` (accumulator dtype): its rows of dh (GEMM in the
-    inputs' dtype, through ``buffer`` for half inputs) and its addition to dW and db on the real rows."""
+def _chunk_gradients(dlogits, buffer, hidden_chunk, weight_real, start, found, row_scale=None):
+    """One chunk's share of the gradients from its ``dlogits`` (accumulator dtype), each row scaled by
+    ``row_scale`` (per token, accumulator dtype) when given: its rows of dh (GEMM in the inputs' dtype, through
+    ``buffer`` for half inputs) and its addition to dW and db on the real rows. The scale goes on the small operands
+    (dh's rows, hidden's rows, db's vector), never on ``dlogits``."""
     grad_hidden, grad_weight, grad_bias = found
     vocab_size = weight_real.shape[0]
     if grad_hidden is not None:
         dlogits_in = dlogits if buffer.dtype == dlogits.dtype else buffer[: dlogits.shape[0]].copy_(dlogits)
-        torch.mm(dlogits_in, weight_real, out=grad_hidden[start:start + dlogits.shape[0]])
+        grad_rows = grad_hidden[start:start + dlogits.shape[0]]
+        torch.mm(dlogits_in, weight_real, out=grad_rows)
+        if row_scale is not None:
+            grad_rows.mul_(row_scale[:, None])
     if grad_weight is not None:
-        grad_weight[:vocab_size].addmm_(dlogits.t(), hidden_chunk.to(dlogits.dtype))
+        hidden_acc = hidden_chunk.to(dlogits.dtype)
+        if row_scale is not None:
+            hidden_acc = hidden_acc * row_scale[:, None]
+        if start == 0:  # the first chunk writes dW (empty until now), the others add to it
+            torch.mm(dlogits.t(), hidden_acc, out=grad_weight[:vocab_size])
+            grad_weight[vocab_size:] = 0
+        else:
+            grad_weight[:vocab_size].addmm_(dlogits.t(), hidden_acc)
     if grad_bias is not None:
-        grad_bias[:vocab_size] += dlogits.sum(0)
+        if row_scale is None:
+            grad_bias[:vocab_size] += dlogits.sum(0)
+        else:
+            grad_bias[:vocab_size].addmv_(dlogits.t(), row_scale)

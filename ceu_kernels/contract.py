@@ -68,9 +68,9 @@ class Backend(Protocol):
       read from the same rounded logits as the log-sum-exp), and ``ignore_index`` masking stays here because the
       labels index the vocabulary. ``ce_backward`` takes ``grad = dloss/dloss_token`` per token.
     * Cross-entropy with the gradients formed in the forward (optional): ``ce_forward_backward`` is ``ce_forward``
-      plus the gradients of ``sum(grad * per_token_loss)`` from the same logits, for a ``grad`` known before the
-      backward (a scalar reduction's ``1/count`` or ``1``); ``dW`` and ``db`` come back in the statistics dtype,
-      which the caller scales by the upstream scalar before casting them to the weight's dtype.
+      plus the gradients of ``sum(per_token_loss)`` (unit weight per counted token) from the same logits; ``dW``
+      and ``db`` come back in the statistics dtype, which the caller scales by the upstream scalar (over the count,
+      for ``"mean"``) before casting them to the weight's dtype.
 
     Max and argmax follow ``torch.max(dim)``: ties go to the first index, a row holding NaN has max NaN at its first
     NaN, and the argmax is always a real row. An argmax handed to ``lmf_backward`` outside ``[0, vocab_size)`` is
@@ -99,11 +99,11 @@ class Backend(Protocol):
         (zero at ignored tokens) and run the two GEMMs ``dlogits @ W`` and ``dlogits.T @ h``."""
 
     def ce_forward_backward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                            vocab_size: int, ignore_index: int, chunk_size: int | None, grad: Tensor,
-                            needs_hidden: bool, needs_weight: bool, needs_bias: bool
+                            vocab_size: int, ignore_index: int, chunk_size: int | None, needs_hidden: bool,
+                            needs_weight: bool, needs_bias: bool
                             ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        """Optional. ``ce_forward``'s ``(per_token, lse)`` and the gradients of ``sum(grad * per_token_loss)``
-        formed from the forward's own logits (no recompute): ``dh`` in hidden's dtype, ``dW``/``db`` in the
+        """Optional. ``ce_forward``'s ``(per_token, lse)`` and the gradients of ``sum(per_token_loss)`` formed
+        from the forward's own logits (no recompute): ``dh`` in hidden's dtype, ``dW``/``db`` in the
         statistics dtype, ``None`` where not needed. Only the torch backend provides it (see
         :func:`fuses_ce_gradients`)."""
 

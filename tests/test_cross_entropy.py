@@ -291,7 +291,7 @@ def test_no_gradient_is_formed_when_none_is_needed(monkeypatch, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backward_twice_and_what_is_held_between(reduction, dtype):
     """Between forward and backward the graph holds dh [N, H] in hidden's dtype and dW [V, H], db [V] in the
-    accumulator dtype (float32 here), not the inputs; the backward scales them out of place, so a second backward
+    accumulator dtype (float32 here) and a scalar (1 or 1/count), not the inputs; the backward scales them out of place, so a second backward
     with retain_graph gives the same gradients, and accumulating into .grad twice doubles them."""
     hidden, weight, bias = head_inputs(10, 16, 40, dtype, bias=True)
     labels = make_labels((10,), 40, "cpu")
@@ -299,7 +299,7 @@ def test_backward_twice_and_what_is_held_between(reduction, dtype):
     held = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: held.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
         loss = ceu.linear_cross_entropy(inputs[0], inputs[1], labels, inputs[2], reduction=reduction)
-    assert held == [((10, 16), dtype), ((40, 16), torch.float32), ((40,), torch.float32)]
+    assert held == [((10, 16), dtype), ((40, 16), torch.float32), ((40,), torch.float32), ((), torch.float32)]
     first = torch.autograd.grad(2.5 * loss, inputs, retain_graph=True)
     second = torch.autograd.grad(2.5 * loss, inputs, retain_graph=True)
     assert all(torch.equal(a, b) and a.dtype == dtype for a, b in zip(first, second))
@@ -335,10 +335,9 @@ def test_the_fused_op_is_a_well_formed_custom_op():
 
     hidden, weight, bias = head_inputs(6, 8, 20, torch.float32, bias=True)
     labels = make_labels((6,), 18, "cpu")
-    grad = torch.full((6,), 0.25)
     for needs in ((True, True, True), (False, True, False)):
         torch.library.opcheck(ops.ce_forward_backward,
-                              (hidden, weight, bias, labels, 18, -100, "torch", 4, grad, *needs),
+                              (hidden, weight, bias, labels, 18, -100, "torch", 4, *needs),
                               test_utils=("test_schema", "test_faketensor"))
 
 
