@@ -60,10 +60,25 @@ class LinearCrossEntropyGradsInForwardFunction(torch.autograd.Function):
     @backward_without_autocast
     def backward(ctx, grad_loss):
         *saved, scale = ctx.saved_tensors
-        factor = grad_loss * scale
-        grads = [(grad * factor).to(dtype) if need else None
-                 for grad, dtype, need in zip(saved, ctx.dtypes, ctx.needs_input_grad)]
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            factor = grad_loss * scale
+            grads = [(grad * factor).to(dtype) if need else None
+                     for grad, dtype, need in zip(saved, ctx.dtypes, ctx.needs_input_grad)]
+        if create_graph:  # the saved gradients are constants: differentiating them again must raise, not give 0
+            grads = _raise_if_differentiated(grads)
         return (*grads, *[None] * 9)
+
+
+def _raise_if_differentiated(grads):
+    """The gradients, as outputs of a node that raises if a later backward reaches it (as ``once_differentiable``
+    does, but also when the upstream gradient itself does not require grad)."""
+    present = [grad for grad in grads if grad is not None]
+    error = torch._C._functions.DelayedError(
+        b"ceu.linear_cross_entropy is not twice differentiable: its gradients were formed in the forward", len(present))
+    wrapped = error(*[grad.detach().requires_grad_() for grad in present])
+    wrapped = iter((wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped)  # one output comes back bare
+    return [None if grad is None else next(wrapped) for grad in grads]
 
 
 def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100, reduction="mean", impl="auto",
@@ -88,7 +103,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100
     token, and the Triton and CUDA backends keep the backward that recomputes the logits. Under ``torch.no_grad``,
     or when no input requires grad, no gradient is computed. Both paths are custom ops with fake kernels, so
     ``torch.compile(fullgraph=True)`` traces them without a graph break (which path is taken is fixed at trace
-    time by grad mode and ``requires_grad``, which dynamo guards on). Not twice differentiable (neither path is).
+    time by grad mode and ``requires_grad``, which dynamo guards on). Not twice differentiable: differentiating the
+    gradients again (``create_graph=True``) raises, on both paths.
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_labels(labels, hidden, vocab_size, ignore_index)

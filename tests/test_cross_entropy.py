@@ -377,3 +377,21 @@ def test_fullgraph_compile_of_some_gradients(reduction):
         results.append((loss, torch.autograd.grad(loss, inputs[1])[0]))
     for expected, got in zip(*results):
         assert_close("compiled", got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("wanted", [(True, False), (True, True)], ids=str)
+def test_differentiating_the_gradients_again_raises(wanted):
+    """create_graph=True gives the same first gradients, but a backward through them raises instead of treating the
+    gradients formed in the forward as constants (a silent zero second derivative). autograd.grad of them with
+    allow_unused=True gives None, as for any gradient that does not depend on the inputs."""
+    hidden, weight, _ = head_inputs(6, 8, 20, torch.float64)
+    labels = make_labels((6,), 20, "cpu")
+    inputs = [leaf(t, requires_grad=r) for t, r in zip((hidden, weight), wanted)]
+    wanting = [t for t in inputs if t.requires_grad]
+    first = torch.autograd.grad(ceu.linear_cross_entropy(*inputs, labels), wanting, create_graph=True)
+    plain = torch.autograd.grad(ceu.linear_cross_entropy(*inputs, labels), wanting)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(first, plain))
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        sum(g.square().sum() for g in first).backward()
+    with pytest.raises(RuntimeError, match="not have been used"):  # autograd.grad: no path from the inputs
+        torch.autograd.grad(sum(g.square().sum() for g in first), wanting)
