@@ -260,6 +260,10 @@ def triton_unavailable() -> str | None:
     return None
 
 
+needs_triton = pytest.mark.skipif(triton_unavailable() is not None, reason=str(triton_unavailable()))
+"""Marks a test of the Triton kernels through the public losses: skipped with the reason where they cannot run."""
+
+
 def triton_device() -> str:
     """``KERNEL_DEVICE``; called at the top of a kernel test module, before it imports ``triton``, it skips the
     module where the Triton kernels cannot run."""

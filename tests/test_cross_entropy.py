@@ -10,7 +10,7 @@ import ceu
 from helpers import (AUTOCAST_DTYPES, DTYPES, HIDDEN, KERNEL_DEVICE, KERNEL_DTYPES, KERNEL_VARIANTS, N_TOKENS,
                      VOCAB_SIZE, assert_autocast_changes_nothing, assert_close, assert_no_worse_than_eager,
                      check_against_float64, check_against_reference, cuda_kernels, device_impls, grads, head,
-                     head_inputs, labels_for, leaf, make_labels, skip_unsupported, small_gap_inputs, triton_unavailable,
+                     head_inputs, labels_for, leaf, make_labels, skip_unsupported, small_gap_inputs, needs_triton,
                      under_autocast)
 
 DEVICE_IMPLS = device_impls()
@@ -142,9 +142,6 @@ def test_autocast_changes_nothing(device, impl, autocast_dtype, dtype):
 
 
 # ---- the Triton backend end to end, on the ragged shape of its kernel tests ----------------------------------------
-
-needs_triton = pytest.mark.skipif(triton_unavailable() is not None, reason=str(triton_unavailable()))
-
 
 @needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)

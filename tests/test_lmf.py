@@ -13,7 +13,7 @@ from helpers import (AUTOCAST_DTYPES, DTYPES, HIDDEN, INF, KERNEL_DEVICE, KERNEL
                      NON_FINITE_WARNINGS, N_TOKENS, TIE_PAIRS, VOCAB_SIZE, assert_autocast_changes_nothing,
                      assert_close, assert_no_worse_than_eager, check_against_float64, check_against_reference,
                      cuda_kernels, device_impls, grads, head, head_inputs, leaf, planted_integer_ties, random_mask,
-                     skip_unsupported, small_gap_inputs, torch_max_on_float64, triton_unavailable, under_autocast)
+                     skip_unsupported, small_gap_inputs, torch_max_on_float64, needs_triton, under_autocast)
 
 DEVICE_IMPLS = device_impls()
 # (lead shape of hidden, H, V, vocab_size): a block-friendly shape and a ragged one with a padded vocabulary.
@@ -378,9 +378,6 @@ def test_non_finite_token_stats_and_gradients(device, impl, poison, counted, dty
 
 
 # ---- the Triton backend end to end, on the ragged shape of its kernel tests ----------------------------------------
-
-needs_triton = pytest.mark.skipif(triton_unavailable() is not None, reason=str(triton_unavailable()))
-
 
 @needs_triton
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
