@@ -34,10 +34,11 @@ def load_records(source: str, config: str | None = None, split: str = "train"):
             raise FileNotFoundError(f"no {config}.json or {config}.jsonl in {source}")
         path = found[0]
     if path.is_file():
-        with open(path, "rb") as file:  # pyarrow's JSON reader crashes the interpreter on a leading null: look first
-            if file.read(4096).lstrip().startswith(b"null"):
-                raise ValueError(f"{path}: {_json_problem(path)}. {JSON_HINT}")
-        # an empty file raises StopIteration; broken JSON, ValueError or DatasetGenerationError (pyarrow's parse error)
+        # Read with the stdlib first: pyarrow's reader crashes the interpreter on a leading null and silently turns
+        # a list of lists into one "text" column; the stdlib also says where a file is broken.
+        if problem := _json_problem(path):
+            raise ValueError(f"{path}: {problem}. {JSON_HINT}")
+        # what is left for datasets to refuse, e.g. a duplicated key (pyarrow's parse error)
         try:
             records = datasets.load_dataset("json", data_files=str(path), split="train")
         except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
@@ -96,18 +97,46 @@ def _json_lines_problem(text: str) -> str | None:
 
 
 def check_fields(records, fields: Iterable[str], where: str = "dataset") -> None:
-    """Raise a ``ValueError`` for an empty dataset or a missing field, naming the fields that are there."""
+    """Every record has every field as a string: a ``ValueError`` names ``where`` (the file or split), the record's
+    index and the field, and says what was found (``datasets`` reads a missing field as null)."""
     if len(records) == 0:
         raise ValueError(f"{where} is empty")
-    if hasattr(records, "column_names"):
-        rows = [(None, dict.fromkeys(records.column_names))]
-    else:
-        rows = enumerate(records)
-    for index, record in rows:
-        for field in fields:
-            if field not in record:
-                sample = "" if index is None else f" sample {index}"
-                raise ValueError(f"{where}{sample} has no {field!r} field (fields: {', '.join(record)})")
+    columns = getattr(records, "column_names", None)
+    for index, record in enumerate(records if columns is None else ()):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"{where} record {index} is {_describe(record)}, not an object with fields {fields}")
+    for field in fields:
+        if columns is not None and field not in columns:
+            raise ValueError(f"{where} has no {field!r} field (fields: {', '.join(columns)})")
+        values = records[field] if columns is not None else [record.get(field, _MISSING) for record in records]
+        for index, value in enumerate(values):
+            if value is _MISSING:
+                raise ValueError(f"{where} record {index} has no {field!r} field "
+                                 f"(fields: {', '.join(records[index])})")
+            if value is None:
+                raise ValueError(f"{where} record {index}: {field!r} is missing or null; it must be a string")
+            if not isinstance(value, str):
+                raise ValueError(f"{where} record {index}: {field!r} must be a string, got {_describe(value)}")
+
+
+_MISSING = object()
+
+
+def _describe(value) -> str:
+    """A found value for an error message: its JSON type and the start of its JSON text."""
+    kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            tuple: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return f"{kind} {json.dumps(value, default=str)[:40]}"
+
+
+def check_max_length(max_length, allow_none: bool = True) -> None:
+    """``max_length`` is an int of at least 2 (one token to read, one to predict), or None (no truncation) where
+    allowed: 0 or less would slice samples to nothing, or silently from the end."""
+    if max_length is None and allow_none:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        allowed = "an int >= 2 (a token to read and one to predict)" + (" or None" if allow_none else "")
+        raise ValueError(f"max_length must be {allowed}, got {max_length!r}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +158,7 @@ def encode_qa(tokenizer, question: str, answer: str, template: QATemplate = QATe
     Prompt and answer are tokenised separately so the boundary is exact. Truncation cuts from the right; a sample with
     no answer token left raises ``ValueError``.
     """
+    check_max_length(max_length)
     if template.chat:
         prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -149,20 +179,22 @@ def encode_qa(tokenizer, question: str, answer: str, template: QATemplate = QATe
 
 def tokenize_qa(records, tokenizer, template: QATemplate = QATemplate(), max_length: int | None = 512,
                 answer_field: str = "answer", where: str = "dataset") -> list[dict]:
-    """Tokenise every QA record (see :func:`encode_qa`); errors name the sample's index."""
+    """Tokenise every QA record (see :func:`encode_qa`); errors name ``where`` and the record's index."""
+    check_max_length(max_length)
     check_fields(records, ("question", answer_field), where)
     samples = []
     for index, record in enumerate(records):
         try:
             samples.append(encode_qa(tokenizer, record["question"], record[answer_field], template, max_length))
         except ValueError as error:
-            raise ValueError(f"{where} sample {index}: {error}") from None
+            raise ValueError(f"{where} record {index}: {error}") from None
     return samples
 
 
 def tokenize_text(records, tokenizer, max_length: int = 2048, text_field: str = "text",
                   where: str = "dataset") -> list[dict]:
     """MUSE-style raw text: each document cut into ``max_length``-token chunks in which every token counts."""
+    check_max_length(max_length, allow_none=False)
     check_fields(records, (text_field,), where)
     samples = []
     for index, record in enumerate(records):
@@ -170,7 +202,7 @@ def tokenize_text(records, tokenizer, max_length: int = 2048, text_field: str = 
         if tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id] + ids
         if len(ids) < 2:
-            raise ValueError(f"{where} sample {index}: text has no token to predict")
+            raise ValueError(f"{where} record {index}: {text_field!r} has no token to predict")
         for start in range(0, len(ids) - 1, max_length):
             chunk = ids[start:start + max_length]
             if len(chunk) > 1:

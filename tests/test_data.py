@@ -4,8 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ceu.data import IGNORE_INDEX, QATemplate, encode_qa, load_records, pad_batch, tokenize_qa, tokenize_text
+from ceu.data import (IGNORE_INDEX, QATemplate, check_max_length, encode_qa, load_records, pad_batch, tokenize_qa,
+                      tokenize_text)
 
 TOFU_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tofu_legacy"  # TOFU's own files, see its README
 
@@ -38,11 +41,11 @@ def test_encode_qa_truncates_from_the_right_and_rejects_answerless_samples():
 
 def test_tokenize_qa_names_the_sample_and_the_missing_field():
     records = [{"question": "q", "answer": "a"}, {"question": "q"}]
-    with pytest.raises(ValueError, match=r"forget sample 1 has no 'answer' field \(fields: question\)"):
+    with pytest.raises(ValueError, match=r"forget record 1 has no 'answer' field \(fields: question\)"):
         tokenize_qa(records, TOKENIZER, TEMPLATE, where="forget")
     with pytest.raises(ValueError, match="forget is empty"):
         tokenize_qa([], TOKENIZER, TEMPLATE, where="forget")
-    with pytest.raises(ValueError, match="forget sample 0: no answer token left"):
+    with pytest.raises(ValueError, match="forget record 0: no answer token left"):
         tokenize_qa(records[:1], TOKENIZER, TEMPLATE, max_length=2, where="forget")
 
 
@@ -108,7 +111,8 @@ def test_load_records_names_the_corrupt_file_and_where(tmp_path, name, content, 
     with pytest.raises(ValueError, match="Is it valid JSON or JSON Lines") as caught:
         load_records(str(path))
     assert str(caught.value).startswith(f"{path}: {problem}")
-    assert caught.value.__cause__ is not None
+    # the stdlib's reading finds every problem but the last before datasets runs; that one is datasets' own error
+    assert (caught.value.__cause__ is not None) == name.startswith("duplicate_key")
 
 
 def test_load_records_names_the_corrupt_split_file_in_a_folder(tmp_path):
@@ -148,3 +152,116 @@ def test_load_records_reads_tofus_own_files(name, rows, first_question, first_an
     answer = [10 + len(word) for word in records[rows - 1]["answer"].split()] + [TOKENIZER.eos_token_id]
     assert samples[-1]["labels"][-len(answer):] == answer
     assert samples[-1]["labels"][:-len(answer)] == [IGNORE_INDEX] * (len(samples[-1]["labels"]) - len(answer))
+
+
+# --- Malformed records and lengths: an error naming where, the record and the field, before any tokenising ---------
+
+class StrictTokenizer(WordTokenizer):
+    """WordTokenizer that fails the test if it is called on anything but a string (a real tokenizer would raise a
+    type error of its own, or batch-encode a list silently)."""
+
+    def __call__(self, text, add_special_tokens=True):
+        assert isinstance(text, str), f"the tokenizer was called on {text!r}"
+        return super().__call__(text, add_special_tokens)
+
+
+JSON_NON_STRINGS = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False),
+                                lambda inner: st.lists(inner, max_size=3)
+                                | st.dictionaries(st.text(max_size=3), inner, max_size=2), max_leaves=5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bad=JSON_NON_STRINGS, field=st.sampled_from(["question", "answer"]), index=st.integers(0, 3))
+def test_tokenize_qa_refuses_a_non_string_field_naming_record_and_field(bad, field, index):
+    records = [dict(row) for row in ROWS]
+    records[index][field] = bad
+    with pytest.raises(ValueError) as caught:
+        tokenize_qa(records, StrictTokenizer(), TEMPLATE, where="forget10.json")
+    if bad is None:
+        assert str(caught.value) == f"forget10.json record {index}: {field!r} is missing or null; it must be a string"
+    else:
+        assert str(caught.value).startswith(f"forget10.json record {index}: {field!r} must be a string, got a")
+
+
+@settings(max_examples=30, deadline=None)
+@given(bad=JSON_NON_STRINGS, index=st.integers(0, 2))
+def test_tokenize_text_refuses_a_non_string_text(bad, index):
+    records = [{"text": "a b c"} for _ in range(3)]
+    records[index]["text"] = bad
+    with pytest.raises(ValueError, match=rf"^muse record {index}: 'text' (must be a string, got a|is missing or null)"):
+        tokenize_text(records, StrictTokenizer(), max_length=4, where="muse")
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"question": "q", "answer": "a"}, ["q", "a"]], r"forget record 1 is a list \["),
+    ([[{"question": "q", "answer": "a"}]], r"forget record 0 is a list \[\{"),
+    ([{"question": "q", "answer": "a"}, "q a"], r"forget record 1 is str"),
+    ([{"answer": "a"}], r"forget record 0 has no 'question' field \(fields: answer\)"),
+])
+def test_tokenize_qa_refuses_records_that_are_not_objects(records, message):
+    with pytest.raises(ValueError, match=message):
+        tokenize_qa(records, StrictTokenizer(), TEMPLATE, where="forget")
+
+
+@pytest.mark.parametrize("name, rows, message", [
+    ("null.jsonl", [ROWS[0], {"question": "q2", "answer": None}],
+     "record 1: 'answer' is missing or null; it must be a string"),
+    ("missing.jsonl", [ROWS[0], {"question": "q2"}], "record 1: 'answer' is missing or null; it must be a string"),
+    ("numbers.jsonl", [{"question": "q1", "answer": 4}, {"question": "q2", "answer": 5}],
+     "record 0: 'answer' must be a string, got a number 4"),
+    ("mixed.jsonl", [ROWS[0], {"question": "q2", "answer": 5}], "record 1: 'answer' must be a string, got a number 5"),
+    ("list.jsonl", [ROWS[0], {"question": "q2", "answer": ["a", "b"]}],
+     'record 1: \'answer\' must be a string, got a list ["a", "b"]'),
+    ("lists.jsonl", [{"question": "q1", "answer": [["a"]]}],
+     'record 0: \'answer\' must be a string, got a list [["a"]]'),
+    ("question.json", [{"question": 7.5, "answer": "a"}], "record 0: 'question' must be a string, got a number 7.5"),
+    ("boolean.jsonl", [{"question": "q", "answer": True}], "record 0: 'answer' must be a string, got a boolean true"),
+])
+def test_malformed_records_in_a_file_are_refused_by_file_record_and_field(tmp_path, name, rows, message):
+    """Through datasets (which reads a missing field as null, a numeric column as int64): the file loads, and
+    tokenising it names the file, the record and the field, never a tokenizer's type error."""
+    path = tmp_path / name
+    path.write_text("\n".join(map(json.dumps, rows)) if name.endswith("l") else json.dumps(rows))
+    with pytest.raises(ValueError) as caught:
+        tokenize_qa(load_records(str(path)), StrictTokenizer(), TEMPLATE, where=str(path))
+    assert str(caught.value) == f"{path} {message}"
+
+
+def test_a_list_of_lists_file_is_refused_not_read_as_a_text_column(tmp_path):
+    """datasets reads [[{...}]] as one record with a "text" column holding the object: refused before it."""
+    path = tmp_path / "nested.json"
+    path.write_text(json.dumps([ROWS]))
+    with pytest.raises(ValueError, match=r"record 1 is \[\{.*not an object"):
+        load_records(str(path))
+
+
+@pytest.mark.parametrize("max_length", [0, 1, -1, -5, 2.0, "512", True])
+def test_max_length_below_two_or_not_an_int_is_refused_before_tokenising(max_length):
+    """0 gave empty samples, -k cut k tokens from the end silently, 1 left no token to predict; raw-text chunking
+    with 0 failed inside range() and with 1 returned no samples."""
+    expected = rf"max_length must be an int >= 2 \(a token to read and one to predict\)( or None)?, got {max_length!r}"
+    for call in (lambda: tokenize_qa(ROWS, StrictTokenizer(), TEMPLATE, max_length=max_length),
+                 lambda: tokenize_text([{"text": "a b c"}], StrictTokenizer(), max_length=max_length),
+                 lambda: encode_qa(StrictTokenizer(), "q", "a", TEMPLATE, max_length=max_length)):
+        with pytest.raises(ValueError, match=expected):
+            call()
+    with pytest.raises(ValueError, match="max_length must be an int >= 2 .*, got None"):
+        tokenize_text([{"text": "a b c"}], StrictTokenizer(), max_length=None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(max_length=st.integers(2, 12), words=st.integers(1, 20))
+def test_text_chunks_predict_every_token_but_chunk_starts(max_length, words):
+    """Every chunk has a token to predict and none is longer than max_length; the chunks are the document in order."""
+    ids = [TOKENIZER.bos_token_id] + [11] * words
+    samples = tokenize_text([{"text": " ".join(["a"] * words)}], TOKENIZER, max_length=max_length)
+    assert samples and all(2 <= len(s["input_ids"]) <= max_length for s in samples)
+    assert sum((s["input_ids"] for s in samples), []) == ids[:len(sum((s["input_ids"] for s in samples), []))]
+    assert len(ids) - sum(len(s["input_ids"]) for s in samples) <= 1  # at most a last lone token, nothing to predict
+
+
+def test_check_max_length_accepts_none_only_where_allowed():
+    check_max_length(None)
+    check_max_length(2)
+    with pytest.raises(ValueError, match="got None"):
+        check_max_length(None, allow_none=False)
