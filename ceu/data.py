@@ -144,11 +144,47 @@ class QATemplate:
     """How a question becomes the prompt; the answer follows it directly, then EOS.
 
     ``prompt`` is a format string with ``{question}``. ``chat=True`` uses the tokenizer's chat template instead (a user
-    turn and the generation prompt), as instruction-tuned models expect.
+    turn and the generation prompt), as instruction-tuned models expect. ``system_prompt`` (chat only): None keeps the
+    template's own system turn (many inject a default one into every sample), a text replaces it, ``""`` drops it.
     """
 
     prompt: str = "Question: {question}\nAnswer: "
     chat: bool = False
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.system_prompt is not None and not self.chat:
+            raise ValueError("system_prompt applies to the chat template: set chat=True (--chat-template)")
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """``[BOS]`` for a prompt or text encoded without the tokenizer's special tokens, or ``[]``: none when the
+    tokenizer has no BOS or its BOS is a chat-turn marker (it appears in the chat template, as SmolLM2's
+    ``<|im_start|>`` does), which opens a turn rather than a document."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if tokenizer.bos_token_id is None or (bos and bos in (getattr(tokenizer, "chat_template", None) or "")):
+        return []
+    return [tokenizer.bos_token_id]
+
+
+def chat_prompt_ids(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
+    """The chat template's turns before the answer: system (see :class:`QATemplate`), user, generation prompt.
+    Dropping the system turn cuts the system turn rendered alone from the front, so the template must render it as a
+    prefix (``ValueError`` otherwise)."""
+    user = [{"role": "user", "content": question}]
+    if system_prompt is None:
+        return list(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    system = [{"role": "system", "content": system_prompt}]
+    text = tokenizer.apply_chat_template(system + user, add_generation_prompt=True, tokenize=False)
+    if not system_prompt:
+        turn = tokenizer.apply_chat_template(system, tokenize=False)
+        if not text.startswith(turn):
+            raise ValueError("this chat template does not render the system turn as a prefix of the conversation, so "
+                             "it cannot be dropped: give a system prompt instead of an empty one")
+        bos = tokenizer.decode(bos_prefix(tokenizer))
+        text = (bos if bos and turn.startswith(bos) else "") + text[len(turn):]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_qa(tokenizer, question: str, answer: str, template: QATemplate = QATemplate(),
@@ -160,12 +196,10 @@ def encode_qa(tokenizer, question: str, answer: str, template: QATemplate = QATe
     """
     check_max_length(max_length)
     if template.chat:
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+        prompt_ids = chat_prompt_ids(tokenizer, question, template.system_prompt)
     else:
-        prompt_ids = tokenizer(template.prompt.format(question=question), add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
-            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+        prompt_ids = bos_prefix(tokenizer) + tokenizer(template.prompt.format(question=question),
+                                                       add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = answer_ids + [tokenizer.eos_token_id]
@@ -198,9 +232,7 @@ def tokenize_text(records, tokenizer, max_length: int = 2048, text_field: str = 
     check_fields(records, (text_field,), where)
     samples = []
     for index, record in enumerate(records):
-        ids = tokenizer(record[text_field], add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id] + ids
+        ids = bos_prefix(tokenizer) + tokenizer(record[text_field], add_special_tokens=False)["input_ids"]
         if len(ids) < 2:
             raise ValueError(f"{where} record {index}: {text_field!r} has no token to predict")
         for start in range(0, len(ids) - 1, max_length):
