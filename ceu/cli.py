@@ -3,7 +3,9 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -34,6 +36,13 @@ EMBEDDED = dict(epochs=30.0, lr=2e-4, batch_size=8, lambda_init=100.0, dual_lr=2
 GROUP_TITLES = {METHOD: "method (defaults: the PDU authors' TOFU settings; the embedded default uses its own)",
                 TRAINING: "training",
                 REFERENCE: "reproduce the reference implementation's behaviour (open-unlearning)"}
+# The data options' defaults with --model; without it they are refused, as are the others only a --model run reads.
+DATA_DEFAULTS = {"data": "locuslab/TOFU", "forget_split": "forget10", "retain_split": "retain90"}
+NEEDS_MODEL = ("tokenizer", "retain_model", "data", "forget_split", "retain_split", "text", "chat_template",
+               "system_prompt")
+# What `ceu unlearn` writes in --output-dir: what --overwrite deletes first.
+OUTPUTS = ("results.json", "log.jsonl", "training.png", "eval_log_learned.json", "eval_log_unlearned.json",
+           "eval_log_retain_model.json", "model", "trainer")
 TOFU_EVAL_SPLITS = {"retain": ("retain", "retain_perturbed"), "real_authors": ("held", "real_authors_perturbed"),
                     "world_facts": ("held", "world_facts_perturbed")}
 
@@ -53,13 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
         for field in config_fields(group):
             _add_config_option(groups[group], field)
     training = groups[TRAINING]
-    training.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of all weights")
+    training.add_argument("--lora-rank", type=positive_int,
+                          help="train LoRA adapters of this rank instead of all weights (default: none, all weights)")
     training.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                           help="under torchrun: replicate the model (ddp, default) or shard it (fsdp: FSDP2)")
     training.add_argument("--trainer", choices=("ceu", "hf"), default="ceu",
                           help="the training loop: ceu's own (default) or transformers.Trainer "
                                "(ceu.hf.PrimalDualTrainer; for accelerate launch, whose config rules the parallelism)")
     unlearn.add_argument("--no-save-model", action="store_true", help="do not save the unlearned model")
+    unlearn.add_argument("--overwrite", action="store_true",
+                         help="start afresh in a non-empty --output-dir: the earlier run's results, eval logs, log, "
+                              "plot and model there are deleted first (without it a non-empty --output-dir, or a "
+                              "--checkpoint-dir holding checkpoints, is refused, unless --resume-from continues "
+                              "that run)")
 
     evaluate = commands.add_parser("eval", help="TOFU metrics of a model, or of TOFU-format evaluation logs",
                                    description="Evaluate with TOFU's metrics. With no argument: the embedded "
@@ -68,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tofu-log", type=Path, help="a TOFU *_eval_log_aggregated.json to score instead of a "
                                                         "model")
     evaluate.add_argument("--retain-log", type=Path, help="the retain-only model's log, for forget quality")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace an earlier eval.json in --output-dir (refused without it)")
     return parser
 
 
@@ -75,7 +92,8 @@ def _add_config_option(group, field) -> None:
     """``--field-name`` for an :class:`~ceu.config.UnlearnConfig` field: its type, choices and help from the
     dataclass. The option's default is None, so the config's default (or the embedded default's) applies."""
     option = "--" + field.name.replace("_", "-")
-    help = field.metadata["help"] + ("" if field.default is None else f" (default: {field.default})")
+    embedded = f"; embedded default: {EMBEDDED[field.name]}" if field.name in EMBEDDED else ""
+    help = field.metadata["help"] + f" (default: {'none' if field.default is None else field.default}{embedded})"
     if field.type is bool:
         group.add_argument(option, action="store_true", default=None, help=help)
         return
@@ -85,23 +103,40 @@ def _add_config_option(group, field) -> None:
 
 def _add_data_arguments(parser):
     model = parser.add_argument_group("model and data (default: the embedded synthetic set and tiny Llama)")
-    model.add_argument("--model", help="Hugging Face model name or folder to unlearn or evaluate")
-    model.add_argument("--tokenizer", help="tokenizer name or folder (default: --model)")
-    model.add_argument("--retain-model", help="model trained without the forget set, for forget quality")
-    model.add_argument("--data", default="locuslab/TOFU",
-                       help="TOFU-format data: hub name or a folder of <split>.json(l) (default: locuslab/TOFU)")
-    model.add_argument("--forget-split", default="forget10", help="forget split (default: forget10)")
-    model.add_argument("--retain-split", default="retain90", help="retain split (default: retain90)")
+    model.add_argument("--model", help="model to unlearn or evaluate: Hugging Face hub name or folder, a GGUF file, "
+                                       "or a folder holding one GGUF file")
+    model.add_argument("--tokenizer", help="tokenizer name, folder or GGUF file (default: --model)")
+    model.add_argument("--retain-model", help="model trained without the forget set, for forget quality (default: "
+                                              "none: no forget quality; the embedded default has its own)")
+    model.add_argument("--data", help=f"TOFU-format data: hub name or a folder of <split>.json(l) (default: "
+                                      f"{DATA_DEFAULTS['data']})")
+    model.add_argument("--forget-split", help=f"forget split (default: {DATA_DEFAULTS['forget_split']})")
+    model.add_argument("--retain-split", help=f"retain split (default: {DATA_DEFAULTS['retain_split']})")
     model.add_argument("--text", action="store_true",
                        help="MUSE-style raw text: the splits hold a 'text' field and every token counts")
     model.add_argument("--chat-template", action="store_true", help="wrap questions with the tokenizer's chat "
                                                                     "template")
-    model.add_argument("--max-length", type=int, default=512, help="tokens per sample (default: 512)")
+    model.add_argument("--system-prompt", metavar="TEXT",
+                       help="the chat template's system turn (implies --chat-template; default: the template's own, "
+                            "which many inject into every sample; an empty string drops it)")
+    model.add_argument("--max-length", type=positive_int, default=512, help="tokens per sample (default: 512)")
     model.add_argument("--impl", choices=CHOICES["impl"], default="auto",
                        help="fused-loss backend (default: auto)")
-    model.add_argument("--threads", type=int, help="CPU threads for torch (embedded default: 1)")
+    model.add_argument("--threads", type=positive_int,
+                       help="CPU threads for torch (default: torch's choice; embedded default: 1)")
     model.add_argument("--output-dir", type=Path, default=Path("runs") / "unlearn",
                        help="where results go (default: runs/unlearn)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,13 +147,100 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "trainer", None) == "hf" and args.parallel == "fsdp":
         parser.error("--parallel fsdp is for ceu's loop; with --trainer hf, accelerate's config sets up FSDP")
+    try:  # every check that needs no model, before the minutes of loading, training and evaluating
+        config = check_arguments(args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     import torch
 
     if args.threads or args.model is None:
         torch.set_num_threads(args.threads or 1)  # the embedded model is too small to gain from more threads
     if args.command == "eval":
         return run_eval(args)
-    return run_unlearn(args)
+    return run_unlearn(args, config)
+
+
+def check_arguments(args) -> UnlearnConfig | None:
+    """Refuse what would fail or be ignored later, naming the option: data options without ``--model`` (the embedded
+    default ignores them), a model path that does not exist, conflicting or invalid settings, an unreadable or
+    mismatched ``--resume-from``, an output folder that holds an earlier run or cannot be written. Returns the run's
+    config (``ceu unlearn``); fills in the data options' defaults."""
+    if args.model is None:
+        given = [f"--{name.replace('_', '-')}" for name in NEEDS_MODEL if getattr(args, name, None) not in (None, False)]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --model; the embedded default (no --model) uses its "
+                             "own synthetic data, tokenizer and retain model")
+    for name, default in DATA_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for name in ("model", "retain_model", "tokenizer"):
+        if getattr(args, name) is not None:
+            _check_model_path(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.command == "eval":
+        if (args.output_dir / "eval.json").exists() and args.tofu_log is None and not args.overwrite:
+            raise ValueError(f"--output-dir {args.output_dir} already holds an eval.json: pass --overwrite to replace "
+                             "it, or another --output-dir")
+        return None
+    if args.overwrite and args.resume_from:
+        raise ValueError("--overwrite starts afresh and --resume-from continues a run: give one")
+    from ceu.config import ConfigError
+
+    try:
+        config = _config(args, args.output_dir)
+    except ConfigError as error:
+        raise ValueError(f"argument --{error.field.replace('_', '-')}: {error}") from None
+    if config.resume_from:
+        _check_resume(config, args.trainer)
+    if config.checkpoint_dir and not (args.overwrite or config.resume_from):
+        earlier = sorted(Path(config.checkpoint_dir).glob("step-*.pt")) + sorted(
+            Path(config.checkpoint_dir).glob("checkpoint-*"))
+        if earlier:
+            raise ValueError(f"--checkpoint-dir {config.checkpoint_dir} holds an earlier run's checkpoints "
+                             f"({earlier[-1].name}, ...): --resume-from one to continue it, --overwrite to start "
+                             "afresh, or another --checkpoint-dir")
+    _check_output_dir(args.output_dir, fresh=not (args.overwrite or config.resume_from))
+    return config
+
+
+def _check_model_path(option: str, source: str) -> None:
+    """A model argument names an existing file or folder, or a hub name (:func:`ceu.models.resolve` decides); a
+    relative path whose parent folder exists but not itself is reported missing, not tried on the hub."""
+    from ceu.models import resolve
+
+    path = Path(source).expanduser()
+    if not path.exists() and len(path.parts) > 1 and path.parent.is_dir():
+        raise FileNotFoundError(f"{option} {source}: no such file or folder (its parent folder {path.parent} exists)")
+    try:
+        resolve(source)
+    except (OSError, ValueError) as error:
+        raise type(error)(f"{option}: {error}") from None
+
+
+def _check_resume(config: UnlearnConfig, trainer: str) -> None:
+    if trainer == "hf":  # Trainer's checkpoint-N/ folders, read by ceu.hf
+        if not Path(config.resume_from).is_dir():
+            raise FileNotFoundError(f"--resume-from {config.resume_from}: no such Trainer checkpoint folder")
+        return
+    from ceu.checkpoint import read_checkpoint
+
+    read_checkpoint(config.resume_from, config, mmap=True)  # maps the tensors: cheap, and refuses it early
+
+
+def _check_output_dir(output_dir: Path, fresh: bool) -> None:
+    """``output_dir`` is (or can be made) a writable folder; a fresh run also needs it empty."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir} is a file, not a folder")
+    if fresh and output_dir.is_dir() and any(output_dir.iterdir()):
+        entries = sorted(entry.name for entry in output_dir.iterdir())
+        raise ValueError(f"--output-dir {output_dir} already holds an earlier run ({', '.join(entries[:5])}"
+                         f"{', ...' if len(entries) > 5 else ''}): pass --overwrite to delete it and start afresh, "
+                         "--resume-from to continue it, or another --output-dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        raise OSError(f"--output-dir {output_dir} is not writable: {error}") from None
 
 
 def _config(args, output_dir: Path) -> UnlearnConfig:
@@ -127,8 +249,11 @@ def _config(args, output_dir: Path) -> UnlearnConfig:
         value = getattr(args, field.name, None)
         if value is not None:
             settings[field.name] = value
-    if args.epsilon_alpha is not None and args.epsilon is None:
-        settings.pop("epsilon", None)
+    if args.epsilon is not None and args.epsilon_alpha is not None:
+        raise ValueError("--epsilon and --epsilon-alpha both set the bound: give one (absolute, or relative to the "
+                         "model before unlearning)")
+    if args.epsilon_alpha is not None:
+        settings.pop("epsilon", None)  # the embedded default's absolute ε gives way to a relative one
     return UnlearnConfig(**settings, log_path=str(output_dir / "log.jsonl"))
 
 
@@ -160,13 +285,12 @@ class Job:
             self.tokenizer, self.template = self.stage.tokenizer, TEMPLATE
             self.forget_split, self.retain_split = self.stage.forget_split, self.stage.retain_split
         else:
-            from transformers import AutoTokenizer
+            from ceu.models import load_tokenizer
 
             self.stage = None
-            self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-            if self.tokenizer.pad_token_id is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            self.template = QATemplate(chat=args.chat_template)
+            self.tokenizer = load_tokenizer(args.tokenizer or args.model)
+            self.template = QATemplate(chat=args.chat_template or args.system_prompt is not None,
+                                       system_prompt=args.system_prompt)
             self.forget_split, self.retain_split = args.forget_split, args.retain_split
 
     def model(self, which: str):
@@ -176,9 +300,9 @@ class Job:
         path = self.args.model if which == "learned" else self.args.retain_model
         if path is None:
             return None
-        from transformers import AutoModelForCausalLM
+        from ceu.models import load_model
 
-        return AutoModelForCausalLM.from_pretrained(path).eval()
+        return load_model(path)
 
     def records(self, split: str):
         if self.stage is not None:
@@ -267,11 +391,24 @@ def data_parallel(model, how: str, device):
     return model
 
 
-def run_unlearn(args) -> int:
+def remove_earlier_outputs(output_dir: Path, checkpoint_dir: str | None) -> None:
+    """``--overwrite``: delete what an earlier run wrote in ``output_dir`` (:data:`OUTPUTS` only) and its checkpoints
+    in ``checkpoint_dir``, saying what: no file of the earlier run is left to be mistaken for one of the new run."""
+    earlier = [output_dir / name for name in OUTPUTS if (output_dir / name).exists()]
+    if checkpoint_dir:
+        earlier += sorted(Path(checkpoint_dir).glob("step-*.pt")) + sorted(Path(checkpoint_dir).glob("checkpoint-*"))
+    if earlier:
+        print(f"--overwrite: deleting the earlier run's {', '.join(str(path) for path in earlier)}")
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run_unlearn(args, config: UnlearnConfig) -> int:
     import torch.distributed as dist
 
     from ceu.distributed import is_main_process
     from ceu.eval import format_table, plot_training_log
+    from ceu.files import replacing, write_text
     from ceu.train import unlearn
 
     start = time.perf_counter()
@@ -280,8 +417,8 @@ def run_unlearn(args) -> int:
     main_process = is_main_process()
     say = print if main_process else (lambda *_: None)
     output_dir = args.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config = _config(args, output_dir)
+    if args.overwrite and main_process:
+        remove_earlier_outputs(output_dir, config.checkpoint_dir)
     job = Job(args)
     forget_samples, retain_samples = job.samples(job.forget_split), job.samples(job.retain_split)
     eval_sets = job.eval_sets()
@@ -325,18 +462,20 @@ def run_unlearn(args) -> int:
         # Gathers FSDP shards (every rank takes part); a plain model's own state otherwise.
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if main_process:
-            model.save_pretrained(output_dir / "model", state_dict=state)
-            job.tokenizer.save_pretrained(output_dir / "model")
+            with replacing(output_dir / "model") as folder:
+                model.save_pretrained(folder, state_dict=state)
+                job.tokenizer.save_pretrained(folder)
     if world_size > 1:
         dist.destroy_process_group()
     if not main_process:
         return 0
-    plot_training_log(config.log_path, output_dir / "training.png")
+    with replacing(output_dir / "training.png") as png:
+        plot_training_log(config.log_path, png)
     order = [name for name in ("learned", "unlearned", "retain_model") if name in logs]
     blocks = {name: report_block(job, logs[name], retain_losses[name], logs.get("retain_model")) for name in order}
     for name in order:
         if logs[name] is not None:
-            (output_dir / f"eval_log_{name}.json").write_text(json.dumps(logs[name]))
+            write_text(output_dir / f"eval_log_{name}.json", json.dumps(logs[name]))
     learned, unlearned = blocks["learned"], blocks["unlearned"]
     checks = {"retain_loss_within_epsilon": unlearned["retain_loss"] <= result.epsilon}
     if "forget_answer_prob" in unlearned:
@@ -348,7 +487,7 @@ def run_unlearn(args) -> int:
                **blocks, "checks": checks, "config": asdict(config),
                "model": args.model or "embedded tiny Llama", "forget_split": job.forget_split,
                "retain_split": job.retain_split, "wall_time_s": time.perf_counter() - start}
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_text(output_dir / "results.json", json.dumps(results, indent=2))
 
     print()
     print(format_table(blocks))
@@ -360,6 +499,7 @@ def run_unlearn(args) -> int:
 
 def run_eval(args) -> int:
     from ceu.eval import format_table, load_tofu_log, summarize
+    from ceu.files import write_text
 
     if args.tofu_log is not None:
         retain_log = load_tofu_log(args.retain_log) if args.retain_log else None
@@ -379,8 +519,7 @@ def run_eval(args) -> int:
     logs["model"], retain_losses["model"] = measure(job, job.model("learned"), eval_sets, retain_samples)
     blocks = {name: report_block(job, logs[name], retain_losses[name], logs.get("retain_model"))
               for name in ("model", "retain_model") if name in logs}
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "eval.json").write_text(json.dumps({"blocks": blocks, "eval_logs": logs}, indent=1))
+    write_text(args.output_dir / "eval.json", json.dumps({"blocks": blocks, "eval_logs": logs}, indent=1))
     print(format_table(blocks))
     print(f"written to {args.output_dir / 'eval.json'}")
     return 0
