@@ -8,11 +8,14 @@ one of TOFU's read by :func:`load_tofu_log`) into the metrics, so the same code 
 - answer probability: ``mean exp(-avg_gt_loss)`` on the forget and retain sets; on the held sets (TOFU's real authors
   and world facts) the true answer's share ``p_true / (p_true + sum p_perturbed)``, each ``p`` length-normalised;
 - ROUGE-L recall of the greedy answer against the true one (``rouge-score``, with stemming);
-- truth ratio, from ``r = exp(mean(perturb loss) - paraphrased loss)`` per sample: ``mean min(r, 1/r)`` on the forget
-  set, ``mean max(0, 1 - 1/r)`` elsewhere;
+- truth ratio, from ``r = exp(mean(perturb loss) - paraphrased loss)`` per sample (the mean over that sample's
+  perturbed answers, however many it has): ``mean min(r, 1/r)`` on the forget set, ``mean max(0, 1 - 1/r)`` elsewhere;
 - model utility: the harmonic mean of those three metrics over every set but the forget set;
 - forget quality: the p-value of the two-sample KS test (``scipy.stats.ks_2samp``) between the forget-set ``r`` of the
   evaluated model and of the model trained on the retain set only.
+
+Logs are checked before they are scored (:func:`check_log`, :func:`check_comparable`): an empty log or set, fields of
+different lengths, or two logs whose forget sets differ are refused with the counts, never scored as NaN.
 """
 import json
 from pathlib import Path
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ceu.data import IGNORE_INDEX, QATemplate, encode_qa, pad_batch
+from ceu.data import IGNORE_INDEX, QATemplate, check_fields, encode_qa, pad_batch
 from ceu.heads import answer_token_losses
 
 ROLES = ("forget", "retain", "held")
@@ -28,6 +31,8 @@ TOFU_LOG_SETS = {"eval_log_forget.json": ("forget", "forget"), "eval_log.json": 
                  "eval_real_author_wo_options.json": ("real_authors", "held"),
                  "eval_real_world_wo_options.json": ("world_facts", "held")}
 METRICS = ("prob", "rougeL", "truth_ratio")
+LOG_FIELDS = ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall")
+"""The per-sample fields every eval set of a log has (ceu's logs add ``question`` and ``generated_text``)."""
 
 
 # --- From per-sample measurements to TOFU's metrics ---------------------------------------------------------------
@@ -42,8 +47,8 @@ def set_metrics(log_set: dict) -> dict[str, float]:
     """Answer probability, ROUGE-L recall and truth ratio of one eval set (see the module docstring)."""
     p_true = np.exp(-np.asarray(log_set["avg_gt_loss"]))
     if log_set["role"] == "held":
-        p_perturbed = np.exp(-np.array([np.asarray(losses) for losses in log_set["average_perturb_loss"]]))
-        prob = np.mean(p_true / (p_true + p_perturbed.sum(-1)))
+        p_perturbed = np.array([np.exp(-np.asarray(losses)).sum() for losses in log_set["average_perturb_loss"]])
+        prob = np.mean(p_true / (p_true + p_perturbed))
     else:
         prob = np.mean(p_true)
     ratio = truth_ratio_stat(log_set)
@@ -58,7 +63,9 @@ def forget_quality(log: dict, retain_model_log: dict) -> float:
     """KS-test p-value between the forget-set truth-ratio statistics of a model and of the retain-only model."""
     from scipy.stats import ks_2samp
 
-    return float(ks_2samp(truth_ratio_stat(_forget_set(log)), truth_ratio_stat(_forget_set(retain_model_log))).pvalue)
+    check_comparable(log, retain_model_log)
+    return float(ks_2samp(truth_ratio_stat(_forget_set(log)[1]),
+                          truth_ratio_stat(_forget_set(retain_model_log)[1])).pvalue)
 
 
 def model_utility(per_set: dict[str, dict[str, float]], roles: dict[str, str]) -> float:
@@ -71,6 +78,9 @@ def model_utility(per_set: dict[str, dict[str, float]], roles: dict[str, str]) -
 
 def summarize(log: dict, retain_model_log: dict | None = None) -> dict:
     """Metrics per set, ``model_utility``, and ``forget_quality`` when the retain-only model's log is given."""
+    check_log(log)
+    if retain_model_log is not None:
+        check_log(retain_model_log, "the retain-only model's log")
     per_set = {name: set_metrics(log_set) for name, log_set in log.items()}
     summary = {"sets": per_set, "model_utility": model_utility(per_set, {n: s["role"] for n, s in log.items()})}
     if retain_model_log is not None:
@@ -78,24 +88,107 @@ def summarize(log: dict, retain_model_log: dict | None = None) -> dict:
     return summary
 
 
-def _forget_set(log: dict) -> dict:
-    forget_sets = [log_set for log_set in log.values() if log_set["role"] == "forget"]
+def _forget_set(log: dict) -> tuple[str, dict]:
+    forget_sets = [(name, log_set) for name, log_set in log.items() if log_set["role"] == "forget"]
     if len(forget_sets) != 1:
         raise ValueError(f"an evaluation log needs exactly one forget set, found {len(forget_sets)}")
     return forget_sets[0]
 
 
+def check_log(log, where: str = "the evaluation log") -> None:
+    """Refuse a log that cannot be scored: not a non-empty dict of eval sets, a set without a known role or a field of
+    :data:`LOG_FIELDS`, a set with no sample or fields of different lengths, a value that is not a number (a perturbed
+    entry: not a non-empty list of numbers), or no set but the forget set (model utility would be NaN)."""
+    if not isinstance(log, dict) or not log:
+        raise ValueError(f"{where} has no eval set (got {type(log).__name__} {str(log)[:40]})")
+    for name, log_set in log.items():
+        if not isinstance(log_set, dict):
+            raise ValueError(f"{where}: eval set {name!r} is {type(log_set).__name__}, not an object of fields")
+        if log_set.get("role") not in ROLES:
+            raise ValueError(f"{where}: eval set {name!r} has role {log_set.get('role')!r}, not one of {ROLES}")
+        missing = [field for field in LOG_FIELDS if not isinstance(log_set.get(field), list)]
+        if missing:
+            raise ValueError(f"{where}: eval set {name!r} has no per-sample list {missing[0]!r} "
+                             f"(fields: {', '.join(log_set)})")
+        counts = {field: len(log_set[field]) for field in LOG_FIELDS}
+        if len(set(counts.values())) != 1 or not counts["avg_gt_loss"]:
+            described = ", ".join(f"{field} {count}" for field, count in counts.items())
+            problem = "no sample" if not any(counts.values()) else "fields of different lengths"
+            raise ValueError(f"{where}: eval set {name!r} has {problem} ({described})")
+        for field in LOG_FIELDS:
+            listed = field == "average_perturb_loss"  # one loss per perturbed answer
+            for index, value in enumerate(log_set[field]):
+                values = value if listed else [value]
+                if not (isinstance(values, list) and values
+                        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                    allowed = "a non-empty list of numbers" if listed else "a number"
+                    raise ValueError(f"{where}: eval set {name!r} sample {index}: {field} must be {allowed}, "
+                                     f"got {str(value)[:40]}")
+    if all(log_set["role"] == "forget" for log_set in log.values()):
+        raise ValueError(f"{where} has only forget sets ({', '.join(log)}): model utility needs a retain or held set")
+
+
+def check_comparable(log: dict, retain_model_log: dict) -> None:
+    """The two logs of a forget quality score the same forget set: the same number of samples, and the same questions
+    where both logs record them (ceu's do; TOFU's aggregated logs do not, so for them only the count is checked)."""
+    (name, forget), (retain_name, retain_forget) = _forget_set(log), _forget_set(retain_model_log)
+    count, retain_count = len(forget["avg_gt_loss"]), len(retain_forget["avg_gt_loss"])
+    if count != retain_count:
+        raise ValueError(f"forget quality compares one forget set under two models, but the model's log has "
+                         f"{count} forget samples (set {name!r}) and the retain-only model's {retain_count} "
+                         f"(set {retain_name!r})")
+    questions, retain_questions = forget.get("question"), retain_forget.get("question")
+    if questions is not None and retain_questions is not None and questions != retain_questions:
+        index = next(i for i, (a, b) in enumerate(zip(questions, retain_questions)) if a != b)
+        raise ValueError(f"forget quality compares one forget set under two models, but forget sample {index} is "
+                         f"{questions[index][:60]!r} in the model's log (set {name!r}) and "
+                         f"{retain_questions[index][:60]!r} in the retain-only model's (set {retain_name!r})")
+
+
 def load_tofu_log(path) -> dict:
-    """One of TOFU's ``*_eval_log_aggregated.json`` files as an evaluation log (per-sample values in index order)."""
-    raw = json.loads(Path(path).read_text())
+    """An evaluation log from a file, in either format: TOFU's ``*_eval_log_aggregated.json`` (per-sample values
+    keyed by index, put in index order) or ceu's own (the ``eval_log_<model>.json`` that ``ceu unlearn`` writes, the
+    dict :func:`evaluate_model` returns). Checked with :func:`check_log`; errors name the file."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a JSON evaluation log ({error})") from None
+    if isinstance(raw, dict) and any(file_name in raw for file_name in TOFU_LOG_SETS):
+        log = _from_tofu(raw, path)
+    elif isinstance(raw, dict) and raw and all(isinstance(block, dict) and "role" in block for block in raw.values()):
+        log = raw
+    else:
+        found = ", ".join(map(str, raw)) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{path} is neither TOFU's aggregated evaluation log (blocks {', '.join(TOFU_LOG_SETS)}) "
+                         f"nor ceu's (eval sets with a 'role'); found: {found[:200]}")
+    check_log(log, str(path))
+    return log
+
+
+def _from_tofu(raw: dict, path) -> dict:
+    """TOFU's blocks as ceu's eval sets; every field of a block must hold the same sample indices."""
     log = {}
     for file_name, (name, role) in TOFU_LOG_SETS.items():
-        if file_name not in raw:
+        if not isinstance(raw.get(file_name), dict):
             raise ValueError(f"{path} has no {file_name!r} block (blocks: {', '.join(raw)})")
         block = raw[file_name]
         log[name] = {"role": role}
-        for key in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall"):
-            log[name][key] = [block[key][index] for index in sorted(block[key], key=int)]
+        indices = None
+        for key in LOG_FIELDS:
+            values = block.get(key)
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: block {file_name!r} has no per-sample {key!r} (fields: {', '.join(block)})")
+            if indices is None:
+                indices = set(values)
+            elif set(values) != indices:
+                raise ValueError(f"{path}: block {file_name!r} has {len(values)} samples in {key!r} and "
+                                 f"{len(indices)} in {LOG_FIELDS[0]!r} (or other indices)")
+            try:
+                order = sorted(values, key=int)
+            except ValueError:
+                raise ValueError(f"{path}: block {file_name!r} field {key!r} has sample keys that are not indices: "
+                                 f"{', '.join(sorted(values))[:80]}") from None
+            log[name][key] = [values[index] for index in order]
     return log
 
 
@@ -149,32 +242,56 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, tuple[str, list[dict]]
                    batch_size: int = 64, max_new_tokens: int = 48, impl: str = "auto") -> dict:
     """The evaluation log of ``model`` on ``{name: (role, TOFU-format records)}`` (role: forget, retain or held).
 
-    Records without ``paraphrased_answer`` use the answer itself, as TOFU does for its held sets; every record needs
-    ``perturbed_answer`` (a list) for the truth ratio.
+    Records without ``paraphrased_answer`` (or with a null one) use the answer itself, as TOFU does for its held sets;
+    every record needs ``perturbed_answer``, a non-empty list of strings, for the truth ratio. Every perturbed answer
+    is scored, however many a record has. The log also keeps each set's questions (see :func:`check_comparable`).
+    All records are checked before the model runs.
     """
+    if not eval_sets:
+        raise ValueError("eval_sets is empty: name at least a forget and a retain or held set")
+    for name, (role, records) in eval_sets.items():
+        check_eval_records(name, role, records)
     model.eval()
     log = {}
     for name, (role, records) in eval_sets.items():
-        if role not in ROLES:
-            raise ValueError(f"eval set {name!r}: role must be one of {ROLES}, got {role!r}")
-        for index, record in enumerate(records):
-            if not record.get("perturbed_answer"):
-                raise ValueError(f"eval set {name!r} sample {index} has no 'perturbed_answer' list")
+        records = list(records)
         questions = [r["question"] for r in records]
 
-        def losses(answers):
+        def losses(questions, answers):
             return average_answer_losses(model, tokenizer, questions, answers, template, batch_size, impl)
 
-        n_perturbed = len(records[0]["perturbed_answer"])
-        per_perturbed = [losses([r["perturbed_answer"][k] for r in records]) for k in range(n_perturbed)]
+        # every (question, perturbed answer) pair in one pass, then split back into each record's list
+        perturbed = [(r["question"], answer) for r in records for answer in r["perturbed_answer"]]
+        flat = iter(losses(*map(list, zip(*perturbed))))
         generated = greedy_answers(model, tokenizer, questions, template, max_new_tokens, batch_size)
         log[name] = {"role": role,
-                     "avg_gt_loss": losses([r["answer"] for r in records]),
-                     "avg_paraphrased_loss": losses([r.get("paraphrased_answer") or r["answer"] for r in records]),
-                     "average_perturb_loss": [list(row) for row in zip(*per_perturbed)],
+                     "question": questions,
+                     "avg_gt_loss": losses(questions, [r["answer"] for r in records]),
+                     "avg_paraphrased_loss": losses(questions, [r.get("paraphrased_answer") or r["answer"]
+                                                                for r in records]),
+                     "average_perturb_loss": [[next(flat) for _ in r["perturbed_answer"]] for r in records],
                      "rougeL_recall": rouge_l_recall(generated, [r["answer"] for r in records]),
                      "generated_text": generated}
     return log
+
+
+def check_eval_records(name: str, role: str, records) -> None:
+    """One eval set's role and records: question and answer strings (:func:`ceu.data.check_fields`), an optional
+    string ``paraphrased_answer`` and a non-empty ``perturbed_answer`` list of strings; errors name the set, the
+    record and the field."""
+    if role not in ROLES:
+        raise ValueError(f"eval set {name!r}: role must be one of {ROLES}, got {role!r}")
+    where = f"eval set {name!r}"
+    check_fields(records, ("question", "answer"), where)
+    for index, record in enumerate(records):
+        paraphrased = record.get("paraphrased_answer")
+        if paraphrased is not None and not isinstance(paraphrased, str):
+            raise ValueError(f"{where} record {index}: 'paraphrased_answer' must be a string or absent, "
+                             f"got {str(paraphrased)[:40]}")
+        perturbed = record.get("perturbed_answer")
+        if not (isinstance(perturbed, list) and perturbed and all(isinstance(a, str) for a in perturbed)):
+            raise ValueError(f"{where} record {index}: 'perturbed_answer' must be a non-empty list of strings (the "
+                             f"truth ratio compares them with the answer), got {str(perturbed)[:40]}")
 
 
 # --- Reporting --------------------------------------------------------------------------------------------------

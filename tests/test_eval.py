@@ -5,7 +5,10 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ceu.eval import TOFU_LOG_SETS as TOFU_LOG_SETS_NAMES
 from ceu.eval import (format_table, forget_quality, headline, load_tofu_log, model_utility, plot_training_log,
                       rouge_l_recall, set_metrics, summarize, truth_ratio_stat)
 
@@ -167,4 +170,199 @@ def test_load_tofu_log_names_a_missing_block(tmp_path):
     path = tmp_path / "log.json"
     path.write_text(json.dumps({"eval_log.json": {}}))
     with pytest.raises(ValueError, match="eval_log_forget.json"):
+        load_tofu_log(path)
+
+
+# --- Logs that cannot be scored, or not compared, are refused with the counts ----------------------------------------
+
+def two_set_log(forget_count=3, retain_count=2, **forget_changes):
+    forget = log_set("forget", [1.0] * forget_count, [1.0] * forget_count, [[1.5]] * forget_count,
+                     [1.0] * forget_count)
+    retain = log_set("retain", [0.5] * retain_count, [1.0] * retain_count, [[2.0]] * retain_count,
+                     [1.0] * retain_count)
+    return {"forget10": forget | forget_changes, "retain": retain}
+
+
+@pytest.mark.parametrize("log, message", [
+    ({}, "has no eval set"),
+    ([], "has no eval set"),
+    ({"retain": [1.0]}, "eval set 'retain' is list, not an object of fields"),
+    (two_set_log(role="forgotten"), "eval set 'forget10' has role 'forgotten', not one of"),
+    ({"forget10": {"role": "forget", "avg_gt_loss": [1.0]}}, "eval set 'forget10' has no per-sample list "
+                                                            "'avg_paraphrased_loss' \\(fields: role, avg_gt_loss\\)"),
+    (two_set_log(0, 2), "eval set 'forget10' has no sample \\(avg_gt_loss 0, avg_paraphrased_loss 0, "
+                        "average_perturb_loss 0, rougeL_recall 0\\)"),
+    (two_set_log(rougeL_recall=[1.0, 1.0]), "eval set 'forget10' has fields of different lengths \\(avg_gt_loss 3, "
+                                            "avg_paraphrased_loss 3, average_perturb_loss 3, rougeL_recall 2\\)"),
+    (two_set_log(avg_gt_loss=[1.0, "1.0", 1.0]), "eval set 'forget10' sample 1: avg_gt_loss must be a number, got 1.0"),
+    (two_set_log(avg_gt_loss=[1.0, None, 1.0]), "sample 1: avg_gt_loss must be a number, got None"),
+    (two_set_log(average_perturb_loss=[[1.0], [], [1.0]]),
+     "sample 1: average_perturb_loss must be a non-empty list of numbers, got \\[\\]"),
+    (two_set_log(average_perturb_loss=[[1.0], 2.0, [1.0]]),
+     "sample 1: average_perturb_loss must be a non-empty list of numbers, got 2.0"),
+    (two_set_log(average_perturb_loss=[[1.0], [[2.0]], [1.0]]),
+     "sample 1: average_perturb_loss must be a non-empty list of numbers, got \\[\\[2.0\\]\\]"),
+    ({"forget10": two_set_log()["forget10"]},
+     "has only forget sets \\(forget10\\): model utility needs a retain or held"),
+])
+def test_summarize_refuses_a_log_it_cannot_score(log, message):
+    """Before: an empty log or set gave a NaN utility, fields of different lengths a silently misaligned score."""
+    with pytest.raises(ValueError, match=f"^the evaluation log.*{message}"):
+        summarize(log)
+    with pytest.raises(ValueError, match=f"^the retain-only model's log.*{message}"):
+        summarize(two_set_log(), log)
+
+
+def test_forget_quality_refuses_forget_sets_of_different_sizes_with_the_counts():
+    with pytest.raises(ValueError, match="the model's log has 3 forget samples \\(set 'forget10'\\) and the "
+                                         "retain-only model's 4 \\(set 'forget05'\\)"):
+        forget_quality(two_set_log(3), {"forget05": two_set_log(4)["forget10"]})
+    with pytest.raises(ValueError, match="has 3 forget samples"):
+        summarize(two_set_log(3), two_set_log(4))
+
+
+def test_forget_quality_refuses_different_questions_where_both_logs_have_them():
+    log, other = two_set_log(question=["a", "b", "c"]), two_set_log(question=["a", "x", "c"])
+    with pytest.raises(ValueError, match="forget sample 1 is 'b' in the model's log .* and 'x' in the retain-only"):
+        forget_quality(log, other)
+    assert forget_quality(log, two_set_log(question=["a", "b", "c"])) == 1.0
+    assert forget_quality(log, two_set_log()) == 1.0  # a log without questions (TOFU's) is compared by count
+
+
+# --- Ragged perturbed answers: every one is scored, TOFU's definitions per sample ------------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 8.0), st.floats(0.0, 8.0),
+                          st.lists(st.floats(0.0, 8.0), min_size=1, max_size=5)), min_size=1, max_size=6))
+def test_ragged_perturbed_answers_are_each_scored(samples):
+    """Per sample, however many perturbed answers it has: the truth-ratio statistic from their mean loss, the held
+    sets' probability share from the sum of their probabilities (TOFU's definitions, which assume 3 or 5 per sample
+    of a set and a rectangular array); reordering a sample's perturbed answers changes nothing."""
+    gt, paraphrased, perturbed = (list(column) for column in zip(*samples))
+    for role in ("forget", "retain", "held"):
+        got = set_metrics(log_set(role, gt, paraphrased, perturbed, [0.5] * len(gt)))
+        shuffled = set_metrics(log_set(role, gt, paraphrased, [p[::-1] for p in perturbed], [0.5] * len(gt)))
+        assert got == pytest.approx(shuffled, rel=1e-12)
+    ratio = [math.exp(sum(p) / len(p) - q) for p, q in zip(perturbed, paraphrased)]
+    assert truth_ratio_stat(log_set("forget", gt, paraphrased, perturbed, [0.5] * len(gt))) == pytest.approx(ratio)
+    share = [math.exp(-g) / (math.exp(-g) + sum(math.exp(-x) for x in p)) for g, p in zip(gt, perturbed)]
+    held = set_metrics(log_set("held", gt, paraphrased, perturbed, [0.5] * len(gt)))
+    assert held["prob"] == pytest.approx(sum(share) / len(share), rel=1e-12)
+
+
+# --- evaluate_model on a tiny model; its logs read back by load_tofu_log -------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_eval():
+    """An untrained tiny Llama over the embedded world's word-level tokenizer, and eval sets whose records have 1, 3
+    and 2 perturbed answers."""
+    from ceu.synthetic import TEMPLATE, TinyLlama, build_tokenizer, make_world
+
+    world = make_world(n_authors=4)
+    tokenizer = build_tokenizer(world)
+    model = TinyLlama(hidden_size=16, intermediate_size=32, num_attention_heads=2).build(tokenizer)
+    forget = [dict(r, perturbed_answer=r["perturbed_answer"][:count])
+              for r, count in zip(world["forget10"][:3], (1, 3, 2))]
+    held = [dict(r, perturbed_answer=r["perturbed_answer"][:count])
+            for r, count in zip(world["real_authors"][:3], (2, 1, 3))]
+    eval_sets = {"forget10": ("forget", forget), "retain": ("retain", world["retain90"][:2]),
+                 "real_authors": ("held", held)}
+    return model, tokenizer, TEMPLATE, eval_sets
+
+
+@pytest.fixture(scope="module")
+def tiny_log(tiny_eval):
+    from ceu.eval import evaluate_model
+
+    model, tokenizer, template, eval_sets = tiny_eval
+    return evaluate_model(model, tokenizer, eval_sets, template, batch_size=2, max_new_tokens=3, impl="torch")
+
+
+def test_evaluate_model_scores_every_perturbed_answer_of_ragged_records(tiny_eval, tiny_log):
+    """Before: the first record's count was used for all (extra answers dropped, fewer gave a bare IndexError). Each
+    perturbed answer's loss is the one the same model gives that (question, answer) alone."""
+    from ceu.eval import average_answer_losses
+
+    model, tokenizer, template, eval_sets = tiny_eval
+    log = tiny_log
+    for name, (_, records) in eval_sets.items():
+        assert [len(losses) for losses in log[name]["average_perturb_loss"]] == [len(r["perturbed_answer"])
+                                                                                 for r in records]
+        for record, losses in zip(records, log[name]["average_perturb_loss"]):
+            alone = average_answer_losses(model, tokenizer, [record["question"]] * len(losses),
+                                          record["perturbed_answer"], template, batch_size=1, impl="torch")
+            assert losses == pytest.approx(alone, rel=1e-5)
+        assert log[name]["question"] == [r["question"] for r in records]
+    summary = summarize(log, log)
+    assert summary["forget_quality"] == 1.0 and 0 <= summary["model_utility"] < 1  # untrained: ROUGE-L 0, utility 0
+
+
+def test_ceu_eval_logs_and_tofu_logs_both_load(tiny_log, tmp_path):
+    """The eval_log_<model>.json that `ceu unlearn` writes (json.dumps of evaluate_model's log) loads and scores as
+    the log itself; TOFU's aggregated logs load as before (their reproduction is tested above)."""
+    log = tiny_log
+    path = tmp_path / "eval_log_unlearned.json"
+    path.write_text(json.dumps(log))
+    assert load_tofu_log(path) == log
+    assert summarize(load_tofu_log(path), load_tofu_log(path)) == summarize(log, log)
+    tofu = tofu_log("phi", "full")
+    assert {name: s["role"] for name, s in tofu.items()} == {"forget": "forget", "retain": "retain",
+                                                            "real_authors": "held", "world_facts": "held"}
+    with pytest.raises(ValueError, match="has 3 forget samples .* and the retain-only model's 300"):
+        summarize(log, tofu)  # a different forget set: refused by its size
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"forget10": ("forgotten", [])}, "eval set 'forget10': role must be one of"),
+    ({"forget10": ("forget", [])}, "eval set 'forget10' is empty"),
+    ({"retain": ("retain", [{"question": "q", "answer": 3, "perturbed_answer": ["x"]}])},
+     "eval set 'retain' record 0: 'answer' must be a string, got a number 3"),
+    ({"retain": ("retain", [{"question": "q", "answer": "a", "perturbed_answer": ["x"]}, {"question": "q",
+                                                                                       "answer": "a"}])},
+     "eval set 'retain' record 1: 'perturbed_answer' must be a non-empty list of strings .*got None"),
+    ({"retain": ("retain", [{"question": "q", "answer": "a", "perturbed_answer": []}])},
+     "record 0: 'perturbed_answer' must be a non-empty list of strings"),
+    ({"retain": ("retain", [{"question": "q", "answer": "a", "perturbed_answer": "x"}])},
+     "record 0: 'perturbed_answer' must be a non-empty list of strings"),
+    ({"retain": ("retain", [{"question": "q", "answer": "a", "perturbed_answer": [["x"]]}])},
+     "record 0: 'perturbed_answer' must be a non-empty list of strings"),
+    ({"retain": ("retain", [{"question": "q", "answer": "a", "paraphrased_answer": 1, "perturbed_answer": ["x"]}])},
+     "record 0: 'paraphrased_answer' must be a string or absent, got 1"),
+])
+def test_evaluate_model_refuses_bad_records_before_running_the_model(change, message):
+    """The checks come first: the model here is a placeholder that fails if anything is asked of it."""
+    from ceu.eval import evaluate_model
+
+    eval_sets = {"forget10": ("forget", [{"question": "q", "answer": "a", "perturbed_answer": ["x"]}])} | change
+    with pytest.raises(ValueError, match=message):
+        evaluate_model(object(), object(), eval_sets)
+    with pytest.raises(ValueError, match="eval_sets is empty"):
+        evaluate_model(object(), object(), {})
+
+
+def tofu_block(count=2, **changes):
+    fields = {"avg_gt_loss": 1.0, "avg_paraphrased_loss": 1.0, "average_perturb_loss": [1.0, 2.0],
+              "rougeL_recall": 0.5}
+    block = {field: {str(i): value for i, value in enumerate([value] * count)} for field, value in fields.items()}
+    return block | changes
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not a JSON evaluation log \\(Expecting"),
+    ("[1, 2]", "is neither TOFU's aggregated evaluation log .* nor ceu's .*found: list"),
+    (json.dumps({"blocks": {}, "eval_logs": {}}), "is neither .*found: blocks, eval_logs"),
+    (json.dumps({"eval_log.json": {}}), "has no 'eval_log_forget.json' block"),
+    (json.dumps(dict.fromkeys(TOFU_LOG_SETS_NAMES, tofu_block()) | {"eval_log.json": tofu_block(
+        rougeL_recall={"0": 1.0})}), "block 'eval_log.json' has 1 samples in 'rougeL_recall' and 2 in 'avg_gt_loss'"),
+    (json.dumps(dict.fromkeys(TOFU_LOG_SETS_NAMES, tofu_block()) | {"eval_log.json": tofu_block(
+        avg_gt_loss={"a": 1.0, "b": 1.0}, avg_paraphrased_loss={"a": 1.0, "b": 1.0},
+        average_perturb_loss={"a": [1.0], "b": [1.0]}, rougeL_recall={"a": 1.0, "b": 1.0})}),
+     "field 'avg_gt_loss' has sample keys that are not indices: a, b"),
+    (json.dumps(dict.fromkeys(TOFU_LOG_SETS_NAMES, tofu_block(0))), "eval set 'forget' has no sample"),
+    (json.dumps({"forget10": {"role": "forget"}}), "eval set 'forget10' has no per-sample list 'avg_gt_loss'"),
+])
+def test_load_tofu_log_names_the_file_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "log.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"^{path}:? .*{message}"):
         load_tofu_log(path)
