@@ -100,17 +100,17 @@ def _build_liger(case: Case, inputs: Inputs) -> Callable:
     return loss_fn
 
 
-def _build_cce(case: Case, inputs: Inputs) -> Callable:
+def _build_cce(impl: str, case: Case, inputs: Inputs) -> Callable:
     from cut_cross_entropy import linear_cross_entropy
 
-    return lambda hidden, weight: linear_cross_entropy(hidden, weight, inputs.labels)
+    return lambda hidden, weight: linear_cross_entropy(hidden, weight, inputs.labels, impl=impl)
 
 
-def _package_unavailable(module: str, package: str) -> Callable:
+def _package_unavailable(module: str, package: str, needs_cuda: bool = True) -> Callable:
     def unavailable(case: Case, device: torch.device) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{package} is not installed"
-        if device.type != "cuda":
+        if needs_cuda and device.type != "cuda":
             return "needs a CUDA device"
         return None
     return unavailable
@@ -145,7 +145,12 @@ PROVIDERS = {p.name: p for p in [
     *[Provider(f"ceu-{impl}", ("lmf", "ce"), functools.partial(_build_ours, impl),
                functools.partial(_ours_unavailable, impl)) for impl in ("torch", "triton", "cuda")],
     Provider("liger", ("ce",), _build_liger, _package_unavailable("liger_kernel", "liger-kernel")),
-    Provider("cce", ("ce",), _build_cce, _package_unavailable("cut_cross_entropy", "cut-cross-entropy")),
+    Provider("cce", ("ce",), functools.partial(_build_cce, "cce"),
+             _package_unavailable("cut_cross_entropy", "cut-cross-entropy")),
+    # cut-cross-entropy's CPU-capable path: torch.compile of float32 logits materialised whole (its own peer of
+    # "compile", with its masking of ignored tokens before the GEMM).
+    Provider("cce-compile", ("ce",), functools.partial(_build_cce, "torch_compile"),
+             _package_unavailable("cut_cross_entropy", "cut-cross-entropy", needs_cuda=False)),
 ]}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .providers import PROVIDERS
 from .shapes import CPU_TARGET_TOKENS, GPU_HEADLINE
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -27,7 +28,8 @@ E2E_COLUMNS = META_COLUMNS + [
     "model", "params_m", "tokens_per_batch", "dtype", "variant", "impl", "status", "median_ms", "p20_ms", "p80_ms",
     "reps", "peak_mb", "total_peak_mb", "loss_fgt", "loss_rtn"]
 MARKERS = "os^vDx+*"
-PROVIDER_ORDER = ["floor", "eager-fp32", "eager", "compile", "ceu-torch", "ceu-triton", "ceu-cuda", "liger", "cce"]
+PROVIDER_ORDER = list(PROVIDERS)
+"""Rows, plots and legends list the providers in the order they are declared."""
 
 
 def environment(suite: str, device: torch.device) -> dict:
