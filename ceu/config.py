@@ -53,6 +53,9 @@ class UnlearnConfig:
                                       TRAINING)
     checkpoint_every: int = knob(0, "optimizer steps between checkpoints (0: never)", TRAINING)
     resume_from: str | None = knob(None, "a checkpoint to continue from (same data and settings)", TRAINING)
+    gradient_checkpointing: bool = knob(False, "recompute each transformer layer's activations in the backward "
+                                               "instead of keeping them: less memory, about one more forward of time",
+                                        TRAINING)
     # Reproduce the reference implementation (open-unlearning's PDU) instead of fixing it:
     forget_mask: str = knob("shifted", "unshifted: its off-by-one forget mask labels != -100", REFERENCE)
     dual_update: str = knob("optimizer_step", "micro_batch: update lambda per micro-batch from the local rank's loss",

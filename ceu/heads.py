@@ -25,6 +25,15 @@ def causal_lm(model):
             return model
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each transformer layer's activations in the backward instead of keeping them, on the causal LM
+    inside the wrappers; non-reentrant, so it works under DDP, with frozen inputs and PEFT adapters."""
+    lm = causal_lm(model)
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(lm).__name__} does not support it")
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lm_head(model) -> torch.nn.Linear:
     """The LM head, checked to be a plain linear layer whose output is the logits."""
     lm = causal_lm(model)

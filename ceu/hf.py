@@ -257,7 +257,8 @@ def training_arguments(config: UnlearnConfig, output_dir: str | Path, **override
                     max_grad_norm=config.max_grad_norm or 0.0, seed=config.seed, bf16=bf16, use_cpu=on_cpu,
                     logging_steps=config.log_every, disable_tqdm=not config.progress, report_to=[],
                     save_strategy="steps" if config.checkpoint_every else "no",
-                    save_steps=config.checkpoint_every or 500)
+                    save_steps=config.checkpoint_every or 500,
+                    activation_checkpointing=config.gradient_checkpointing)  # non-reentrant: Trainer's default
     return TrainingArguments(**{**settings, **overrides})
 
 

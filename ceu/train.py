@@ -23,7 +23,8 @@ from ceu.config import CHOICES, LR_SCHEDULES, UnlearnConfig
 from ceu.data import answer_token_counts, check_answer_tokens, check_not_empty, pad_batch
 from ceu.distributed import data_parallel_position, distributed_mean, gradient_sync, is_main_process, rank_share
 from ceu.heads import (answer_token_losses, causal_lm, dataset_loss, final_hidden_states, forget_answer_mask,
-                       global_token_scales, head_parameters, is_dtensor, lm_head, pdu_losses)
+                       global_token_scales, head_parameters, is_dtensor, lm_head, pdu_losses,
+                       enable_gradient_checkpointing)
 from ceu.primal_dual import PrimalDual, relative_epsilon
 from ceu.runlog import log_record, open_log, write_record
 from ceu.schedule import lr_factor, micro_batch_plan, parameter_groups, training_schedule
@@ -158,6 +159,8 @@ def _unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Un
         logged_tokens = state["log_window"]["tokens"]
 
     log_file = open_log(config.log_path, start_step) if rank == 0 else None
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     last_log_time = time.perf_counter()
     bar = tqdm(range(start_step, len(windows)), initial=start_step, total=len(windows), desc="unlearn",

@@ -68,3 +68,51 @@ def test_batch_without_answer_tokens_gives_zero_or_the_references_nan():
     assert forget_loss.item() == 0.0
     forget_loss, _ = pdu_losses(model, forget, retain, UnlearnConfig(empty_batch="nan"))
     assert math.isnan(forget_loss.item())
+
+
+def _step_gradients(model, checkpointing: bool):
+    """The gradients of one PDU Lagrangian on ``model`` and how often its first layer's MLP ran."""
+    from ceu.heads import enable_gradient_checkpointing
+
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    calls = []
+    mlp = next(module for name, module in model.named_modules() if name.endswith("layers.0.mlp"))
+    mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # a recompute may stop before the MLP returns
+    model.train()
+    forget, retain = pad_batch(qa_samples(3), 0), pad_batch(qa_samples(3, seed=1), 0)
+    forget_loss, retain_loss = pdu_losses(model, forget, retain, UnlearnConfig(impl="torch"))
+    (forget_loss + 3.0 * retain_loss).backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}, len(calls)
+
+
+@pytest.mark.parametrize("wrapper", ["none", "peft"])
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradients(wrapper):
+    def build():
+        model = tiny_model()
+        if wrapper == "peft":
+            peft = pytest.importorskip("peft")
+            model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear"))
+        return model
+
+    expected, forwards = _step_gradients(build(), checkpointing=False)
+    got, forwards_checkpointed = _step_gradients(build(), checkpointing=True)
+    assert forwards_checkpointed == 2 * forwards  # every layer ran again in the backward
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert_close(name, got[name], grad, torch.float32)
+
+
+def test_unlearn_turns_gradient_checkpointing_on_and_trains_the_same_model():
+    from ceu.train import unlearn
+
+    samples = qa_samples(4)
+    models = {}
+    for checkpointing in (False, True):
+        model = tiny_model()
+        unlearn(model, samples, qa_samples(4, seed=1),
+                UnlearnConfig(epochs=1, batch_size=2, lr=1e-3, progress=False, gradient_checkpointing=checkpointing))
+        assert model.is_gradient_checkpointing == checkpointing
+        models[checkpointing] = model
+    for (name, trained), checkpointed in zip(models[False].named_parameters(), models[True].parameters()):
+        assert_close(name, checkpointed.detach(), trained.detach(), torch.float32)
