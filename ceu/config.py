@@ -11,6 +11,9 @@ IMPLS = ("auto", "torch", "triton", "cuda")
 CHOICES = {"forget_mask": ("shifted", "unshifted"), "dual_update": ("optimizer_step", "micro_batch"),
            "empty_batch": ("zero", "nan"), "mixed_precision": ("auto", "bf16", "no"), "lr_schedule": LR_SCHEDULES,
            "impl": IMPLS}
+# Unlearning methods (ceu.methods) and their reference-implementation options.
+METHODS = ("pdu", "graddiff", "gradascent", "npo", "simnpo")
+CHOICES.update(method=METHODS, retain_loss=("nll", "kl"), forget_positions=("answer", "all"))
 
 METHOD, TRAINING, REFERENCE = "method", "training", "reference"
 
@@ -41,7 +44,8 @@ class UnlearnConfig:
     epsilon_alpha: float | None = knob(None, "bound relative to the model before unlearning: "
                                              "epsilon = (1 + alpha) * retain loss", METHOD)
     dual_warmup_epochs: float = knob(5.0, "epochs during which lambda stays at lambda_0", METHOD)
-    forget_weight: float = knob(1.0, "weight gamma of the forget loss", METHOD)
+    forget_weight: float | None = knob(None, "weight gamma of the forget loss (None: the method's, 1; SimNPO 0.125)",
+                                       METHOD)
     impl: str = knob("auto", "fused-loss backend")
     mixed_precision: str = knob("auto", "auto (bf16 autocast where the GPU supports it), bf16 or no")
     seed: int = knob(0, "seed of the data order", TRAINING)
@@ -61,6 +65,18 @@ class UnlearnConfig:
     dual_update: str = knob("optimizer_step", "micro_batch: update lambda per micro-batch from the local rank's loss",
                             REFERENCE)
     empty_batch: str = knob("zero", "nan: divide by zero on a batch with no answer token", REFERENCE)
+    # The method (ceu.methods: the baselines on the same fused losses) and its hyperparameters; None: its default.
+    method: str = knob("pdu", "pdu (primal-dual, LMF forget loss), graddiff, gradascent, npo or simnpo", METHOD)
+    retain_weight: float | None = knob(None, "alpha, the fixed retain-loss weight of graddiff/npo/simnpo "
+                                             "(None: 1; gradascent has none)", METHOD)
+    beta: float | None = knob(None, "NPO/SimNPO inverse temperature beta (None: NPO 0.1, SimNPO 4.5)", METHOD)
+    delta: float = knob(0.0, "SimNPO margin delta on the length-normalised NLL", METHOD)
+    retain_loss: str = knob("nll", "kl: KL(starting model || model) on the retain answer tokens instead of the NLL "
+                                   "(retain_loss_type: KL)", REFERENCE)
+    dual_update_per_epoch: bool = knob(False, "update lambda once per epoch from the retain loss over the whole retain "
+                                              "set (dual_update_upon: epoch)", REFERENCE)
+    forget_positions: str = knob("answer", "all: the authors' first PDU forget loss, LMF averaged over every position "
+                                           "of the padded forget batch", REFERENCE)
 
     def __post_init__(self):
         for name, choices in CHOICES.items():

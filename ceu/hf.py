@@ -25,7 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ceu.config import UnlearnConfig
 from ceu.data import check_answer_tokens, check_not_empty, pad_batch
 from ceu.distributed import distributed_mean
-from ceu.heads import global_token_scales, pdu_losses
+from ceu.methods import Objective, global_scales
 from ceu.primal_dual import PrimalDual
 from ceu.runlog import log_record, open_log, write_record
 from ceu.schedule import Schedule, decay_parameter_names, training_schedule
@@ -159,9 +159,11 @@ class PrimalDualTrainer(Trainer):
         args.ddp_find_unused_parameters = False
         super().__init__(model, args, *rest, **kwargs)
         self.unlearn_config = config
-        self.primal_dual = primal_dual or PrimalDual(config.lambda_init, config.dual_lr, config.epsilon,
-                                                     forget_weight=config.forget_weight,
-                                                     update_every=config.dual_update)
+        if config.dual_update_per_epoch:
+            raise ValueError("dual_update_per_epoch runs in ceu.unlearn's loop only, not under PrimalDualTrainer")
+        # The method (ceu.methods); NPO and the KL retain loss measure the starting model here.
+        self.objective = Objective(self.model, getattr(self.train_dataset, "forget", []), config)
+        self.primal_dual = primal_dual or self.objective.primal_dual(config.epsilon, 0)
         self._sizes_dual_warmup = primal_dual is None
         self.schedule: Schedule | None = None  # known once train() has the data
         self.add_callback(DualStepCallback(self.primal_dual))
@@ -200,10 +202,10 @@ class PrimalDualTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Token-means over the global micro-batch, as in ceu.unlearn, however unevenly the ranks' tokens fall.
-        token_scales = global_token_scales(inputs["forget"], inputs["retain"], self.unlearn_config) \
-            if model.training and self.unlearn_config.empty_batch == "zero" else None
-        forget_loss, retain_loss = pdu_losses(model, inputs["forget"], inputs["retain"], self.unlearn_config,
-                                              token_scales)
+        token_scales, sample_scale = global_scales(inputs["forget"], inputs["retain"], self.unlearn_config) \
+            if model.training and self.unlearn_config.empty_batch == "zero" else (None, None)
+        forget_loss, retain_loss = self.objective.losses(model, inputs["forget"], inputs["retain"], token_scales,
+                                                         sample_scale)
         loss = self.primal_dual.lagrangian(forget_loss, retain_loss)
         if model.training:
             self.primal_dual.observe(retain_loss)

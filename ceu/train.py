@@ -25,6 +25,7 @@ from ceu.distributed import data_parallel_position, distributed_mean, gradient_s
 from ceu.heads import (answer_token_losses, causal_lm, dataset_loss, final_hidden_states, forget_answer_mask,
                        global_token_scales, head_parameters, is_dtensor, lm_head, pdu_losses,
                        enable_gradient_checkpointing)
+from ceu.methods import Objective
 from ceu.primal_dual import PrimalDual, relative_epsilon
 from ceu.runlog import log_record, open_log, write_record
 from ceu.schedule import lr_factor, micro_batch_plan, parameter_groups, training_schedule
@@ -135,8 +136,9 @@ def _unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Un
 
     # The constraint and its dual variable (a resumed run takes ε from its checkpoint: θ₀ is gone).
     epsilon, initial_retain_loss = constraint_bound(model, retain_data, config, pad_token_id)
-    primal_dual = PrimalDual(config.lambda_init, config.dual_lr, epsilon, warmup_steps=schedule.dual_warmup_steps,
-                             forget_weight=config.forget_weight, update_every=config.dual_update)
+    # The method's losses (ceu.methods; NPO and the KL retain loss measure the starting model here) and λ.
+    objective = Objective(model, forget_data, config)
+    primal_dual = objective.primal_dual(epsilon, schedule.dual_warmup_steps)
 
     # AdamW over the trainable parameters, biases and norm weights without decay, and the LR schedule.
     groups = parameter_groups(model, config.weight_decay)
@@ -180,10 +182,12 @@ def _unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Un
             # DDP/FSDP reduce the gradients once, in the backward of the window's last micro-batch.
             with gradient_sync(model, position == len(window) - 1):
                 with autocast_context(config, device):
-                    forget_loss, retain_loss = pdu_losses(model, forget, retain, config, token_scales)
+                    forget_loss, retain_loss = objective.losses(model, forget, retain, token_scales,
+                                                                world_size / len(forget_indices) if counts else 0.0)
                     loss = primal_dual.lagrangian(forget_loss, retain_loss)
                 (loss / len(window)).backward()
-            primal_dual.observe(retain_loss)
+            if not config.dual_update_per_epoch:
+                primal_dual.observe(retain_loss)
             forget_sum = forget_sum + forget_loss.detach().float()
             retain_sum = retain_sum + retain_loss.detach().float()
             logged_micro_batches += 1
@@ -193,6 +197,8 @@ def _unlearn(model, forget_data: list[dict], retain_data: list[dict], config: Un
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if config.dual_update_per_epoch and (step + 1) % schedule.steps_per_epoch == 0:  # the epoch's end
+            primal_dual.observe(torch.tensor(objective.retain_set_loss(model, retain_data, pad_token_id), device=device))
         primal_dual.step()
 
         if (step + 1) % config.log_every == 0 or step + 1 == len(windows):
