@@ -7,11 +7,22 @@ from .reference import REDUCTIONS
 
 IMPLS = ("auto", *NAMES)
 """What ``impl=`` accepts: ``"auto"`` (:func:`ceu.backends.choose` picks) or a backend's name."""
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The input dtypes every backend computes in (float8 has no GEMM or max on most devices)."""
 
 
 def _check_tensor(name: str, value, ndim: int | None = None) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_nested:
+        raise TypeError(f"{name} is a nested tensor, which the fused losses do not take: pad the sequences "
+                        "(torch.nested.to_padded_tensor) and mark the padding with mask= or ignore_index")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}: call .to_dense()")
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(value):
+        raise RuntimeError(f"{name} comes from a torch.func transform (grad, vmap, jacrev, ...), which the fused "
+                           "losses do not support (their autograd.Functions have no functorch rules): use "
+                           "torch.autograd.grad, and a loop or a batch dimension instead of vmap")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(value.shape)}")
 
@@ -30,6 +41,11 @@ def check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size) ->
         raise ValueError("hidden must have shape [..., H], got a 0-d tensor")
     if not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden dtype {hidden.dtype} is not supported: use one of {FLOAT_DTYPES} "
+                        "(e.g. .to(torch.bfloat16))")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden has no features (H = 0, shape {tuple(hidden.shape)}): the head needs H >= 1")
     _check_tensor("weight", weight, ndim=2)
     _check_like("weight", weight, hidden)
     if weight.shape[1] != hidden.shape[-1]:
@@ -69,11 +85,19 @@ def check_mask(mask, hidden: torch.Tensor) -> None:
 
 
 def check_labels(labels, hidden: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Shape, dtype and range of the targets. The range check raises at once on CPU; on accelerators and under
-    torch.compile it is an asynchronous device assertion, so it never forces a host sync."""
+    """Shape, dtype and range of the targets, and ``ignore_index``: an int the labels' dtype can hold (any other
+    value could never match a label, and ignores nothing). The range check raises at once on CPU; on accelerators
+    and under torch.compile it is an asynchronous device assertion, so it never forces a host sync."""
     _check_tensor("labels", labels)
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int (default -100), got {type(ignore_index).__name__} "
+                        f"{ignore_index!r}")
+    limits = torch.iinfo(labels.dtype)
+    if not limits.min <= ignore_index <= limits.max:
+        raise ValueError(f"ignore_index = {ignore_index} is outside the range of {labels.dtype} labels "
+                         f"[{limits.min}, {limits.max}]: no label could equal it")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(labels.shape)}")
@@ -86,3 +110,22 @@ def check_labels(labels, hidden: torch.Tensor, vocab_size: int, ignore_index: in
             raise ValueError(message)
     else:
         torch._assert_async(~out_of_range.any(), message)
+
+
+def not_twice_differentiable(grads, name: str):
+    """The backward's gradients, routed through a node that raises a ceu error when a later backward reaches it
+    (``create_graph=True`` then differentiating the gradients): the fused backwards have no derivative of their
+    own, and autograd would otherwise stop at a custom op with a dispatcher message. Gradients that do not require
+    grad (no ``create_graph``) pass unchanged."""
+    present = [index for index, grad in enumerate(grads) if grad is not None and grad.requires_grad]
+    if not present:
+        return grads
+    error = torch._C._functions.DelayedError(
+        f"{name} is not twice differentiable: its backward is a fused kernel with no derivative of its own "
+        "(create_graph=True gives gradients that cannot be differentiated again)".encode(), len(present))
+    wrapped = error(*[grads[index] for index in present])
+    wrapped = (wrapped,) if isinstance(wrapped, torch.Tensor) else wrapped  # one output comes back bare
+    grads = list(grads)
+    for index, grad in zip(present, wrapped):
+        grads[index] = grad
+    return grads

@@ -32,7 +32,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grads = ops.ce_backward(grad_loss, lse, hidden, weight, bias, labels, vocab_size, ignore_index, backend,
                                 chunk_size, needs_hidden, needs_weight, needs_bias)
         grads = [grad if need else None for grad, need in zip(grads, ctx.needs_input_grad)]
-        return (*grads, None, None, None, None, None)
+        return (*checks.not_twice_differentiable(grads, "ceu.linear_cross_entropy"), None, None, None, None, None)
 
 
 class LinearCrossEntropyGradsInForwardFunction(torch.autograd.Function):

@@ -117,7 +117,7 @@ class LinearLMFFunction(torch.autograd.Function):
         grads = ops.lmf_backward(coef, argmax, hidden, weight, weight_mean, ctx.vocab_size, ctx.backend,
                                  needs_hidden, needs_weight, needs_bias)
         grads = [grad if need else None for grad, need in zip(grads, ctx.needs_input_grad)]
-        return (*grads, None, None, None, None)
+        return (*checks.not_twice_differentiable(grads, "ceu.linear_lmf_loss"), None, None, None, None)
 
 
 def linear_lmf_loss(hidden, weight, bias=None, *, mask=None, reduction="mean", impl="auto", chunk_size=None,

@@ -1,8 +1,13 @@
 """ceu.checks: bad input fails early with an error that names the argument."""
+import warnings
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ceu
+from helpers import assert_close
 
 H, V = 8, 20
 
@@ -57,3 +62,178 @@ def test_cross_entropy_bad_input(change, error, message):
     del args["mask"]
     with pytest.raises(error, match=message):
         ceu.linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), args.pop("bias"), **args)
+
+
+# --- Inputs the kernels cannot take: a ceu error naming the limitation, not a dispatcher message -------------------
+
+FLOAT8 = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+          if hasattr(torch, name)]
+
+
+def call(loss, hidden, weight, bias=None, **kwargs):
+    """One of the two fused losses, with all-zero labels (in range for any V) for the cross-entropy."""
+    labels = kwargs.pop("labels", None)
+    if loss == "lmf":
+        return ceu.linear_lmf_loss(hidden, weight, bias, impl="torch", **kwargs)
+    if labels is None:
+        labels = torch.zeros(7 if hidden.is_nested else hidden.shape[:-1], dtype=torch.long)
+    return ceu.linear_cross_entropy(hidden, weight, labels, bias, impl="torch", **kwargs)
+
+
+LOSSES = ["lmf", "ce"]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [*FLOAT8, torch.complex64], ids=str)
+def test_unsupported_dtypes_are_named(loss, dtype):
+    """float8 reached the chunked backend's torch.max ('"max_cpu" not implemented for ...')."""
+    kind = "floating-point" if dtype.is_complex else rf"dtype {dtype} is not supported: use one of \(torch.float16"
+    with pytest.raises(TypeError, match=f"hidden (must be a|{kind})"):
+        call(loss, torch.randn(3, H).to(dtype), torch.randn(V, H).to(dtype))
+
+
+def nested(layout):
+    with warnings.catch_warnings():  # the strided layout is a prototype that says so
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.nested.nested_tensor([torch.randn(3, H), torch.randn(4, H)], layout=layout)
+
+
+SPARSE_AND_NESTED = {
+    "sparse hidden": ("hidden", lambda: (torch.randn(4, H).to_sparse(), torch.randn(V, H), None), "dense.*sparse_coo"),
+    "sparse weight": ("weight", lambda: (torch.randn(4, H), torch.randn(V, H).to_sparse(), None), "dense.*sparse_coo"),
+    "csr weight": ("weight", lambda: (torch.randn(4, H), torch.randn(V, H).to_sparse(layout=torch.sparse_csr), None),
+                   "dense.*sparse_csr"),
+    "sparse bias": ("bias", lambda: (torch.randn(4, H), torch.randn(V, H), torch.randn(V).to_sparse()),
+                    "dense.*sparse_coo"),
+    "jagged hidden": ("hidden", lambda: (nested(torch.jagged), torch.randn(V, H), None), "nested.*to_padded_tensor"),
+    "nested hidden": ("hidden", lambda: (nested(torch.strided), torch.randn(V, H), None), "nested.*to_padded_tensor"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case", list(SPARSE_AND_NESTED))
+def test_sparse_and_nested_inputs_are_named(loss, case):
+    """Before: 'Could not run aten::as_strided with arguments from the SparseCPU backend', 'view(): cannot view
+    shape (2, j1, 8)', 'NestedTensorImpl doesn't support sizes'."""
+    name, build, message = SPARSE_AND_NESTED[case]
+    with pytest.raises(TypeError, match=f"^{name} (must be a |is a nested).*{message}"):
+        call(loss, *build())
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_sparse_or_nested_mask_and_labels_are_named(loss):
+    hidden, weight = torch.randn(4, H), torch.randn(V, H)
+    if loss == "lmf":
+        with pytest.raises(TypeError, match="^mask must be a dense"):
+            call(loss, hidden, weight, mask=torch.ones(4, dtype=torch.bool).to_sparse())
+    else:
+        with pytest.raises(TypeError, match="^labels must be a dense"):
+            call(loss, hidden, weight, labels=torch.zeros(4, dtype=torch.long).to_sparse())
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_zero_width_hidden_is_refused(loss):
+    """H = 0: a reshape error before ('cannot reshape tensor of 0 elements into shape [-1, 0]')."""
+    with pytest.raises(ValueError, match=r"hidden has no features \(H = 0, shape \(2, 5, 0\)\)"):
+        call(loss, torch.randn(2, 5, 0), torch.randn(V, 0))
+
+
+def test_no_tokens_is_still_a_zero_loss():
+    """N = 0 is not refused: an empty batch has loss 0 (the documented "no token counts" rule)."""
+    for loss in LOSSES:
+        assert call(loss, torch.randn(0, H), torch.randn(V, H)).item() == 0.0
+
+
+@pytest.mark.parametrize("ignore_index, error, message", [
+    (-100.0, TypeError, "ignore_index must be an int \\(default -100\\), got float -100.0"),
+    (1.5, TypeError, "got float 1.5"),
+    (True, TypeError, "got bool True"),
+    (torch.tensor(-100), TypeError, "got Tensor"),
+    (2**63, ValueError, "ignore_index = 9223372036854775808 is outside the range of torch.int64 labels"),
+    (-2**70, ValueError, "is outside the range of torch.int64 labels"),
+])
+def test_ignore_index_must_be_an_int_the_labels_can_hold(ignore_index, error, message):
+    """Before: a float gave the custom op's schema ('Expected a value of type 'int' for argument 'ignore_index'...
+    Declaration: ceu::ce_forward(...)'), a bool or a 0-d tensor was taken silently, 2**63 an OverflowError."""
+    with pytest.raises(error, match=message):
+        call("ce", torch.randn(4, H), torch.randn(V, H), ignore_index=ignore_index)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ignore_index=st.integers(-2**66, 2**66), int32=st.booleans())
+def test_ignore_index_in_range_masks_exactly_its_labels(ignore_index, int32):
+    """Any int the labels' dtype holds is accepted and ignores exactly the labels equal to it (a real class too, as in
+    F.cross_entropy); any other int is refused, since it could never match (int32 labels and 2**40 ignored nothing)."""
+    dtype = torch.int32 if int32 else torch.int64
+    hidden, weight, _ = (t.double() if t is not None else None for t in (torch.randn(6, H), torch.randn(V, H), None))
+    labels = torch.tensor([1, 2, 3, 4, 5, 6])
+    info = torch.iinfo(dtype)
+    if not info.min <= ignore_index <= info.max:
+        with pytest.raises(ValueError, match=f"outside the range of {dtype} labels"):
+            call("ce", hidden, weight, labels=labels.to(dtype), ignore_index=ignore_index)
+        return
+    if not 0 <= ignore_index < V:
+        labels[[1, 4]] = ignore_index
+    got = call("ce", hidden, weight, labels=labels.to(dtype), ignore_index=ignore_index, reduction="none")
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, ignore_index=ignore_index,
+                                                 reduction="none")
+    assert_close("per-token loss", got, expected, torch.float64)
+
+
+def double_backward(loss, impl, reduction, target):
+    """First gradients with create_graph=True, then a backward through them: .backward() or autograd.grad."""
+    hidden, weight, bias = (t.requires_grad_() for t in (torch.randn(4, H), torch.randn(V, H), torch.randn(V)))
+    labels = torch.tensor([0, 3, -100, 7])
+    if loss == "lmf":
+        value = ceu.linear_lmf_loss(hidden, weight, bias, reduction=reduction, impl=impl)
+    else:
+        value = ceu.linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, impl=impl)
+    first = torch.autograd.grad(value.sum(), [hidden, weight, bias], create_graph=True)
+    plain = torch.autograd.grad(call_again(loss, hidden, weight, bias, labels, reduction, impl).sum(),
+                                [hidden, weight, bias])
+    for got, expected in zip(first, plain):  # the wrapping changes no value
+        assert torch.equal(got, expected)
+    second = first[0].square().sum() + first[1].sum()
+    if target == "backward":
+        second.backward()
+    else:
+        torch.autograd.grad(second, [weight])
+
+
+def call_again(loss, hidden, weight, bias, labels, reduction, impl):
+    if loss == "lmf":
+        return ceu.linear_lmf_loss(hidden, weight, bias, reduction=reduction, impl=impl)
+    return ceu.linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, impl=impl)
+
+
+@pytest.mark.parametrize("target", ["backward", "grad"])
+@pytest.mark.parametrize("loss, reduction", [("lmf", "mean"), ("lmf", "none"), ("ce", "none")])
+def test_double_backward_raises_a_ceu_error(loss, reduction, target):
+    """Before: 'Trying to backward through ceu.lmf_backward.default but no autograd formula was registered. Please
+    use register_autograd to add one.' The first gradients with create_graph=True are the plain ones. (The
+    cross-entropy's scalar reductions form their gradients in the forward and raise their own error, tested in
+    test_cross_entropy.py.)"""
+    name = "linear_lmf_loss" if loss == "lmf" else "linear_cross_entropy"
+    with pytest.raises(RuntimeError, match=f"^ceu.{name} is not twice differentiable: its backward is a fused"):
+        double_backward(loss, "torch", reduction, target)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("transform", ["grad", "grad wrt weight", "vmap", "jacrev"])
+def test_torch_func_transforms_raise_a_ceu_error(loss, transform):
+    """Before: 'In order to use an autograd.Function with functorch transforms ... it must override the
+    setup_context staticmethod', or under vmap 'attempting to use a Tensor in some data-dependent control flow'."""
+    hidden, weight = torch.randn(2, 4, H), torch.randn(V, H)
+    labels = torch.zeros(2, 4, dtype=torch.long)
+    if transform == "grad":
+        run = lambda: torch.func.grad(lambda h: call(loss, h, weight))(hidden)  # noqa: E731
+    elif transform == "grad wrt weight":
+        run = lambda: torch.func.grad(lambda w: call(loss, hidden, w))(weight)  # noqa: E731
+    elif transform == "vmap":
+        run = lambda: torch.func.vmap(lambda h, y: call(loss, h, weight, labels=y))(hidden, labels)  # noqa: E731
+    else:
+        run = lambda: torch.func.jacrev(lambda h: call(loss, h, weight, reduction="none"))(hidden)  # noqa: E731
+    with pytest.raises(RuntimeError, match="comes from a torch.func transform \\(grad, vmap, jacrev, ...\\), which "
+                                           "the fused losses do not support"):
+        run()
