@@ -1,7 +1,9 @@
 """ceu: Constrained Entropic Unlearning with fused LM-head losses."""
 from .cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
 from .lmf import LinearLMFLoss, LMFStats, linear_lmf_loss
+from .objective import PDUObjective, pdu_objective
 from .parallel import vocab_parallel_lmf_loss
+from .patch import FusedLossPatch, patch_causal_lm, unpatch_causal_lm
 from .primal_dual import PrimalDual, relative_epsilon
 from .reference import lmf_loss
 from .train import UnlearnConfig, UnlearnResult, unlearn
@@ -9,4 +11,5 @@ from .train import UnlearnConfig, UnlearnResult, unlearn
 __version__ = "0.1.0"
 __all__ = ["lmf_loss", "linear_lmf_loss", "LinearLMFLoss", "LMFStats", "linear_cross_entropy",
            "LinearCrossEntropyLoss", "vocab_parallel_lmf_loss",
-           "PrimalDual", "relative_epsilon", "unlearn", "UnlearnConfig", "UnlearnResult"]
+           "PrimalDual", "relative_epsilon", "unlearn", "UnlearnConfig", "UnlearnResult",
+           "patch_causal_lm", "unpatch_causal_lm", "FusedLossPatch", "pdu_objective", "PDUObjective"]
