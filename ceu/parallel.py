@@ -44,6 +44,39 @@ def global_max_argmax(local_max, local_argmax, holds_real, vocab_start, vocab_si
     return torch.where(nan_won, float("nan"), row_max), torch.where(nan_won, candidate, candidate - vocab_size)
 
 
+def check_shards(local, group) -> None:
+    """One all-gather of every rank's ``(vocab_start, shard rows, vocab_size, tokens, H)`` (``local``; None: this
+    rank refused its own inputs and raises after this call). Raises the same ``ValueError`` on every rank unless the
+    shards tile global rows ``0 .. total`` without gap or overlap, ``vocab_size`` (the same on every rank) is at most
+    ``total``, and ``hidden`` has the same shape on every rank."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    mine = torch.tensor([-1] * 5 if local is None else local, dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    table = [row.tolist() for row in table]
+    if local is None:
+        return
+    refused = [rank for rank, row in enumerate(table) if row[0] < 0]
+    if refused:
+        raise ValueError(f"rank(s) {refused} refused their inputs to vocab_parallel_lmf_loss (see their errors)")
+    sizes = [row[2] for row in table]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"vocab_size differs across ranks: {sizes}; pass the same global vocabulary on every rank")
+    shapes = [tuple(row[3:]) for row in table]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"hidden must be the same on every rank, got (tokens, H) = {shapes} by rank")
+    expected = 0
+    for rank, (start, rows, *_) in sorted(enumerate(table), key=lambda item: (item[1][0], item[0])):
+        if start != expected:
+            ranges = ", ".join(f"rank {r}: rows {row[0]}..{row[0] + row[1] - 1}" for r, row in enumerate(table))
+            problem = "a gap before" if start > expected else "an overlap at"
+            raise ValueError(f"the weight shards must tile the global vocabulary rows 0.. without gaps or overlaps, "
+                             f"but there is {problem} row {min(start, expected)} ({ranges}): check vocab_start")
+        expected = start + rows
+    if sizes[0] > expected:
+        raise ValueError(f"vocab_size = {sizes[0]} but the shards hold only rows 0..{expected - 1} ({expected} rows)")
+
+
 class VocabParallelLMFFunction(torch.autograd.Function):
     """Per-token LMF loss over a vocabulary sharded across ``group``; returns ``(loss, max, mean, argmax)``."""
 
@@ -96,7 +129,8 @@ class VocabParallelLMFFunction(torch.autograd.Function):
         if needs_bias:
             grad_bias = rank_one_plus_scatter(rows, coef, coef.sum() / -vocab_size, weight.shape[0], local_real,
                                               weight.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        grads = checks.not_twice_differentiable([grad_hidden, grad_weight, grad_bias], "ceu.vocab_parallel_lmf_loss")
+        return *grads, None, None, None, None, None, None
 
 
 def vocab_parallel_lmf_loss(hidden, weight_shard, bias_shard=None, *, process_group=None, vocab_start=None,
@@ -109,6 +143,11 @@ def vocab_parallel_lmf_loss(hidden, weight_shard, bias_shard=None, *, process_gr
     (default ``world_size * V_r``); rows at or past it are padding. Loss, stats and ``dh`` are identical on every
     rank; each rank gets the gradient of its own shard. Argmax indices are global. Autocast does not change what is
     computed, as for :func:`ceu.linear_lmf_loss`.
+
+    Checked on every rank with one all-gather (:func:`check_shards`): the shards must tile the global rows from 0
+    without gaps or overlaps (in any rank order), ``vocab_size`` must be the same everywhere and within them, and
+    ``hidden`` the same shape; an input that one rank refuses makes the others raise too, so none waits in a
+    collective.
     """
     world_size, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     shard_rows = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) else 0
@@ -116,12 +155,18 @@ def vocab_parallel_lmf_loss(hidden, weight_shard, bias_shard=None, *, process_gr
         vocab_start = rank * shard_rows
     if vocab_size is None:
         vocab_size = world_size * shard_rows
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int (the global real vocabulary), got {vocab_size!r}")
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
-    checks.check_head(hidden, weight_shard, bias_shard, None, reduction, impl, chunk_size)
-    checks.check_mask(mask, hidden)
+    try:  # a rank that raised alone would leave the others waiting in a collective: every rank learns of it first
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int (the global real vocabulary), got {vocab_size!r}")
+        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+            raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+        checks.check_head(hidden, weight_shard, bias_shard, None, reduction, impl, chunk_size)
+        checks.check_mask(mask, hidden)
+    except (TypeError, ValueError, RuntimeError) as error:
+        check_shards(None, process_group)
+        raise error
+    check_shards((vocab_start, shard_rows, vocab_size, hidden.numel() // hidden.shape[-1], hidden.shape[-1]),
+                 process_group)
     backend = backends.choose(impl, hidden.device, "lmf", hidden.dtype)  # the one backend decision of this call
     lead_shape = hidden.shape[:-1]
     flat_mask = None if mask is None else mask.reshape(-1)

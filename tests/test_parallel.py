@@ -1,6 +1,7 @@
 """ceu.parallel: vocab-parallel LMF over 2 gloo processes on CPU against the unsharded fused loss (values, stats, every
 grad), NaN and inf across the shards included."""
 import os
+import re
 
 import pytest
 import torch
@@ -49,6 +50,8 @@ def worker(rank, store_path, out_dir):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss, stats = vocab_parallel_lmf_loss(*inputs, vocab_size=70, impl="torch", return_stats=True)
                 results[f"autocast={autocast}"] = [loss.detach(), *stats, *torch.autograd.grad(loss, inputs)]
+        results["shard checks"] = shard_check_outcomes(rank)
+        results["double backward"] = double_backward_error(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -57,7 +60,7 @@ def worker(rank, store_path, out_dir):
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("vocab_parallel")
-    mp.spawn(worker, args=(str(out_dir / "store"), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    spawn_with_timeout(worker, out_dir)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
@@ -141,3 +144,87 @@ def test_vocab_parallel_nan_follows_torch_max(tmp_path):
         assert_close("max", got_max, stats.max, torch.float64, equal_nan=True)
         assert_close("loss", got_loss, loss.detach(), torch.float64, equal_nan=True)
         assert_close("grad hidden", got_hidden[finite], grad_hidden[finite], torch.float64)
+
+
+# --- Shards that do not add up: refused on every rank (one all-gather), no rank left waiting -------------------------
+
+SHARD_CASES = {
+    # name -> per rank: (rows of the global 2 * SHARD_ROWS head, vocab_start, vocab_size, tokens) or a local error
+    "overlap": [((0, 37), 0, 74, 15), ((37, 74), 0, 74, 15)],
+    "gap": [((0, 37), 0, 74, 15), ((37, 74), 40, 74, 15)],
+    "not from row 0": [((0, 37), 3, 74, 15), ((37, 74), 40, 74, 15)],
+    "vocab_size past the shards": [((0, 37), 0, 80, 15), ((37, 74), 37, 80, 15)],
+    "vocab_size differs": [((0, 37), 0, 74, 15), ((37, 74), 37, 70, 15)],
+    "hidden differs": [((0, 37), 0, 74, 15), ((37, 74), 37, 74, 14)],
+    "one rank refuses its input": [((0, 37), 0, 74, 15), ((37, 74), -1, 74, 15)],
+    "shards out of rank order": [((37, 74), 37, 70, 15), ((0, 37), 0, 70, 15)],  # valid: each says where it starts
+}
+
+
+def shard_check_outcomes(rank):
+    """This rank's loss or error message for each of SHARD_CASES (run inside the module's gloo workers)."""
+    hidden, weight, bias, _ = case_inputs(74)
+    outcome = {}
+    for name, per_rank in SHARD_CASES.items():
+        (first, last), vocab_start, vocab_size, tokens = per_rank[rank]
+        try:
+            outcome[name] = vocab_parallel_lmf_loss(hidden[:tokens], weight[first:last], bias[first:last],
+                                                    vocab_start=vocab_start, vocab_size=vocab_size, impl="torch")
+        except ValueError as error:
+            outcome[name] = str(error)
+    return outcome
+
+
+def spawn_with_timeout(worker, out_dir, seconds=240):
+    """mp.spawn, but a rank stuck in a collective fails the test instead of hanging it."""
+    context = mp.spawn(worker, args=(str(out_dir / "store"), str(out_dir)), nprocs=WORLD_SIZE, join=False)
+    deadline = seconds
+    while not context.join(timeout=5):
+        deadline -= 5
+        if deadline <= 0:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish in {seconds} s: one is waiting in a collective")
+
+
+def double_backward_error(rank):
+    """The message of a backward through create_graph=True gradients (None if none was raised)."""
+    hidden, weight, bias, _ = case_inputs(74)
+    inputs = [leaf(hidden), leaf(weight[rank * SHARD_ROWS:(rank + 1) * SHARD_ROWS])]
+    first = torch.autograd.grad(vocab_parallel_lmf_loss(*inputs, impl="torch"), inputs, create_graph=True)
+    try:
+        torch.autograd.grad(first[0].square().sum(), inputs[1])
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def test_double_backward_raises_a_ceu_error(rank_results):
+    """A ceu error on every rank, as for the unsharded losses (tests/test_checks.py)."""
+    for results in rank_results:
+        assert results["double backward"].startswith("ceu.vocab_parallel_lmf_loss is not twice differentiable")
+
+
+def test_shards_that_do_not_add_up_are_refused_on_every_rank(rank_results):
+    """Before: overlapping or gapped shards, or a vocab_size past the shards, returned a wrong loss. Now every rank
+    raises the same error (a rank that refuses its own input raises its own, the others name it), and a valid
+    sharding in any rank order gives the unsharded loss."""
+    outcomes = [results["shard checks"] for results in rank_results]
+    expected = {
+        "overlap": "there is an overlap at row 0 \\(rank 0: rows 0..36, rank 1: rows 0..36\\): check vocab_start",
+        "gap": "there is a gap before row 37 \\(rank 0: rows 0..36, rank 1: rows 40..76\\)",
+        "not from row 0": "there is a gap before row 0",
+        "vocab_size past the shards": "vocab_size = 80 but the shards hold only rows 0..73 \\(74 rows\\)",
+        "vocab_size differs": "vocab_size differs across ranks: \\[74, 70\\]",
+        "hidden differs": "hidden must be the same on every rank, got \\(tokens, H\\) = "
+                          "\\[\\(15, 12\\), \\(14, 12\\)\\]",
+    }
+    for name, message in expected.items():
+        for rank, outcome in enumerate(outcomes):
+            assert isinstance(outcome[name], str) and re.search(message, outcome[name]), (name, rank, outcome[name])
+    assert outcomes[1]["one rank refuses its input"] == "vocab_start must be a non-negative int, got -1"
+    assert outcomes[0]["one rank refuses its input"].startswith("rank(s) [1] refused their inputs")
+    hidden, weight, bias, _ = case_inputs(74)
+    unsharded = ceu.linear_lmf_loss(hidden, weight, bias, vocab_size=70, impl="torch")
+    for outcome in outcomes:
+        assert_close("loss", outcome["shards out of rank order"], unsharded, torch.float64)
