@@ -168,8 +168,8 @@ def check_arguments(args) -> UnlearnConfig | None:
     if args.model is None:
         given = [f"--{name.replace('_', '-')}" for name in NEEDS_MODEL if getattr(args, name, None) not in (None, False)]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply with --model; the embedded default (no --model) uses its "
-                             "own synthetic data, tokenizer and retain model")
+            raise ValueError(f"{', '.join(given)}: need --model (without it the embedded default runs, on its own "
+                             "synthetic data, tokenizer and retain model)")
     for name, default in DATA_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -232,7 +232,7 @@ def _check_output_dir(output_dir: Path, fresh: bool) -> None:
         raise NotADirectoryError(f"--output-dir {output_dir} is a file, not a folder")
     if fresh and output_dir.is_dir() and any(output_dir.iterdir()):
         entries = sorted(entry.name for entry in output_dir.iterdir())
-        raise ValueError(f"--output-dir {output_dir} already holds an earlier run ({', '.join(entries[:5])}"
+        raise ValueError(f"--output-dir {output_dir} is not empty ({', '.join(entries[:5])}"
                          f"{', ...' if len(entries) > 5 else ''}): pass --overwrite to delete it and start afresh, "
                          "--resume-from to continue it, or another --output-dir")
     try:

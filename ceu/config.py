@@ -4,6 +4,9 @@ No torch here: the CLI builds its options from these fields (``ceu --help`` stay
 :func:`ceu.unlearn` and :class:`ceu.hf.PrimalDualTrainer`, read the same object. A field's ``metadata`` holds its
 help text and, for the fields the ``ceu unlearn`` command exposes, its option group there.
 """
+import math
+import numbers
+import os
 from dataclasses import dataclass, field, fields
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -79,22 +82,71 @@ class UnlearnConfig:
                                            "of the padded forget batch", REFERENCE)
 
     def __post_init__(self):
+        for spec in fields(self):
+            _check_type(spec, getattr(self, spec.name))
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "grad_accum_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+                raise ConfigError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
+        for name, (low, high, closed_low) in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not ((value >= low if closed_low else value > low) and value <= high):
+                bound = f"{'>=' if closed_low else '>'} {low}" if high == math.inf else f"in [{low}, {high}]"
+                raise ConfigError(name, f"must be {bound}, got {value}" + WHY.get(name, ""))
         if self.checkpoint_every and not self.checkpoint_dir:
-            raise ValueError("checkpoint_every needs a checkpoint_dir")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if not 0.0 <= self.lr_warmup_ratio <= 1.0:
-            raise ValueError(f"lr_warmup_ratio must be in [0, 1], got {self.lr_warmup_ratio}")
-        if self.dual_warmup_epochs < 0:
-            raise ValueError(f"dual_warmup_epochs must be >= 0, got {self.dual_warmup_epochs}")
+            raise ConfigError("checkpoint_every", "needs a checkpoint_dir")
+
+
+# What each number may be (low, high, whether low itself is allowed), and why where it is not obvious. Every other
+# numeric field only has to be finite.
+RANGES = {"epochs": (0, math.inf, False), "lr": (0, math.inf, True), "batch_size": (1, math.inf, True),
+          "grad_accum_steps": (1, math.inf, True), "weight_decay": (0, math.inf, True),
+          "lr_warmup_ratio": (0, 1, True), "max_grad_norm": (0, math.inf, False), "lambda_init": (0, math.inf, True),
+          "dual_lr": (0, math.inf, True), "epsilon": (0, math.inf, True), "epsilon_alpha": (0, math.inf, True),
+          "dual_warmup_epochs": (0, math.inf, True), "forget_weight": (0, math.inf, True),
+          "seed": (0, 2 ** 63 - 1, True), "log_every": (1, math.inf, True), "checkpoint_every": (0, math.inf, True)}
+WHY = {"max_grad_norm": " (a negative norm would turn clipping into gradient ascent; None: no clipping)",
+       "epsilon": " (the retain loss is a cross-entropy, never negative)",
+       "forget_weight": " (a negative weight would train on the forget set)",
+       "lambda_init": " (lambda weighs the retain loss; the dual step keeps it >= 0)"}
+# Fields a resumed run may set differently from the run that wrote the checkpoint (where to log and checkpoint, how
+# often, the progress bar, the backend and determinism switches): the others change what the run computes, and
+# ceu.checkpoint refuses a resume that changes them.
+CHANGEABLE_ON_RESUME = ("log_path", "log_every", "progress", "checkpoint_dir", "checkpoint_every", "resume_from",
+                        "impl", "deterministic")
+
+
+class ConfigError(ValueError):
+    """An invalid :class:`UnlearnConfig` field; ``field`` names it (the CLI turns it into its option)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+
+
+def _check_type(spec, value) -> None:
+    """A field's value is of its declared type: a real, finite number for numeric fields (an int for int fields,
+    never a bool), a bool for flags, a string (or path) for text; None only where the field allows it."""
+    kinds = getattr(spec.type, "__args__", (spec.type,))
+    if value is None:
+        if type(None) not in kinds:
+            raise ConfigError(spec.name, "must be set, got None")
+        return
+    if bool in kinds:
+        if not isinstance(value, bool):
+            raise ConfigError(spec.name, f"must be True or False, got {value!r}")
+    elif int in kinds or float in kinds:
+        numeric = numbers.Real if float in kinds else numbers.Integral
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            raise ConfigError(spec.name, f"must be {'a number' if float in kinds else 'an integer'}, "
+                                         f"got {value!r}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int beyond float range
+            finite = False
+        if not finite:
+            raise ConfigError(spec.name, f"must be finite, got {value}")
+    elif str in kinds and not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(spec.name, f"must be a string, got {value!r}")
 
 
 def config_fields(group: str | None = None) -> list:

@@ -9,6 +9,8 @@ window and across data-parallel ranks. ``update_every="micro_batch"`` reproduces
 (open-unlearning's PDU): one update per micro-batch from the local rank's loss, so λ moves several times per
 optimizer step under accumulation and drifts apart across ranks.
 """
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -40,12 +42,11 @@ class PrimalDual:
     def __init__(self, lambda_init: float = 100.0, dual_lr: float = 5.0, epsilon: float = 0.3, warmup_steps: int = 0,
                  forget_weight: float = 1.0, update_every: str = "optimizer_step",
                  reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None, group=None):
-        if lambda_init < 0:
-            raise ValueError(f"lambda_init must be >= 0, got {lambda_init}")
-        if dual_lr < 0:
-            raise ValueError(f"dual_lr must be >= 0, got {dual_lr}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        for name, value in (("lambda_init", lambda_init), ("dual_lr", dual_lr), ("epsilon", epsilon),
+                            ("forget_weight", forget_weight)):
+            _check_number(name, value)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0 (optimizer steps), got {warmup_steps!r}")
         if update_every not in UPDATE_MODES:
             raise ValueError(f"update_every must be one of {UPDATE_MODES}, got {update_every!r}")
         self.dual_lr, self.epsilon, self.warmup_steps = float(dual_lr), float(epsilon), int(warmup_steps)
@@ -68,11 +69,14 @@ class PrimalDual:
 
     def lagrangian(self, forget_loss: torch.Tensor, retain_loss: torch.Tensor) -> torch.Tensor:
         """``γ·L_fgt + λ·(L_rtn − ε)``, with λ a constant for autograd."""
+        _check_scalar("forget_loss", forget_loss)
+        _check_scalar("retain_loss", retain_loss)
         self.lam = self.lam.to(retain_loss.device)
         return self.forget_weight * forget_loss + self.lam * (retain_loss - self.epsilon)
 
     def observe(self, retain_loss: torch.Tensor) -> None:
         """Record one micro-batch's retain loss (under ``"micro_batch"``: update λ from it at once)."""
+        _check_scalar("retain_loss", retain_loss)  # a [B] loss would silently make λ a vector
         retain_loss = retain_loss.detach().float()
         if self.update_every == "micro_batch":
             self.last_retain_loss = retain_loss
@@ -109,6 +113,20 @@ class PrimalDual:
 
 def relative_epsilon(initial_retain_loss: float, alpha: float) -> float:
     """``ε = (1 + α)·L_rtn(θ₀)``: the bound relative to the retain loss of the model before unlearning."""
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    _check_number("alpha", alpha)
+    if not math.isfinite(initial_retain_loss):
+        raise ValueError(f"the retain loss before unlearning is {initial_retain_loss}: epsilon_alpha cannot set a "
+                         "bound relative to it (set an absolute epsilon, or check the model and retain data)")
     return (1.0 + alpha) * float(initial_retain_loss)
+
+
+def _check_number(name: str, value) -> None:
+    """A finite real number >= 0 (λ, η_λ, ε, γ and α have no meaning below 0: ε bounds a cross-entropy)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_scalar(name: str, loss) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"{name} must be a 0-d tensor (the micro-batch's mean loss), got {shape}")

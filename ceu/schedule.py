@@ -23,8 +23,10 @@ runs on Trainer):
   ``bias``, ``layernorm``, ``rmsnorm``, ``norm`` or ``_norm`` as a component, and everything in an ``nn.LayerNorm``);
   decaying a norm's gain pulls it towards 0, which no recipe in this field does.
 """
+import itertools
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -69,16 +71,17 @@ class Schedule:
         """Epochs the run starts (the last one possibly cut short)."""
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
-    def windows(self) -> list[range]:
+    def windows(self) -> Iterator[range]:
         """The micro-batches of each optimizer step, as index ranges into the run's micro-batches (epoch ``e``'s
-        being ``e·M .. (e+1)·M − 1``)."""
-        windows = []
+        being ``e·M .. (e+1)·M − 1``), one step at a time: a run of a billion epochs holds none of them in memory."""
+        step = 0
         for epoch in range(self.epochs_touched):
             first = epoch * self.micro_batches_per_epoch
             for start in range(0, self.micro_batches_per_epoch, self.grad_accum_steps):
-                stop = min(start + self.grad_accum_steps, self.micro_batches_per_epoch)
-                windows.append(range(first + start, first + stop))
-        return windows[:self.total_steps]
+                if step == self.total_steps:
+                    return
+                yield range(first + start, first + min(start + self.grad_accum_steps, self.micro_batches_per_epoch))
+                step += 1
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base LR at optimizer step ``step`` (0-based)."""
@@ -111,25 +114,54 @@ def training_schedule(n_forget: int, config: UnlearnConfig, world_size: int = 1)
                     lr_schedule=config.lr_schedule)
 
 
-def micro_batch_plan(n_forget: int, n_retain: int, config: UnlearnConfig,
-                     world_size: int = 1) -> list[tuple[list[int], list[int]]]:
+class MicroBatchPlan:
     """Seeded ``(forget indices, retain indices)`` per global micro-batch of ``batch_size · world_size`` samples, for
     every epoch the run starts: an epoch is one shuffled pass over the forget set; retain samples come from shuffled
     passes over the retain set, as many as forget samples in each pair. Every rank builds the same plan and takes its
-    share (:func:`ceu.distributed.rank_share`); :meth:`Schedule.windows` groups it into optimizer steps."""
-    schedule = training_schedule(n_forget, config, world_size)
-    generator = torch.Generator().manual_seed(config.seed)
-    batch_size = config.batch_size * world_size
-    plan, retain_queue = [], []
-    for _ in range(schedule.epochs_touched):
-        order = torch.randperm(n_forget, generator=generator).tolist()
-        for start in range(0, n_forget, batch_size):
-            forget_indices = order[start:start + batch_size]
-            while len(retain_queue) < len(forget_indices):
-                retain_queue += torch.randperm(n_retain, generator=generator).tolist()
-            retain_indices, retain_queue = retain_queue[:len(forget_indices)], retain_queue[len(forget_indices):]
-            plan.append((forget_indices, retain_indices))
-    return plan
+    share (:func:`ceu.distributed.rank_share`).
+
+    Lazy: iterating draws the pairs in order, so memory does not grow with ``epochs``; each iteration starts afresh
+    from the seed. :meth:`optimizer_steps` groups them as :meth:`Schedule.windows` does."""
+
+    def __init__(self, n_forget: int, n_retain: int, config: UnlearnConfig, world_size: int = 1):
+        if n_retain < 1:
+            raise ValueError(f"need at least one retain sample, got {n_retain}")
+        self.schedule = training_schedule(n_forget, config, world_size)
+        self.n_forget, self.n_retain, self.seed = n_forget, n_retain, config.seed
+        self.batch_size = config.batch_size * world_size
+
+    def __len__(self) -> int:
+        return self.schedule.epochs_touched * self.schedule.micro_batches_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        retain_queue, taken = [], 0
+        for _ in range(self.schedule.epochs_touched):
+            order = torch.randperm(self.n_forget, generator=generator).tolist()
+            for start in range(0, self.n_forget, self.batch_size):
+                forget_indices = order[start:start + self.batch_size]
+                if len(retain_queue) - taken < len(forget_indices):
+                    retain_queue = retain_queue[taken:]
+                    taken = 0
+                    while len(retain_queue) < len(forget_indices):
+                        retain_queue += torch.randperm(self.n_retain, generator=generator).tolist()
+                retain_indices = retain_queue[taken:taken + len(forget_indices)]
+                taken += len(forget_indices)
+                yield forget_indices, retain_indices
+
+    def optimizer_steps(self, start: int = 0) -> Iterator[list[tuple[list[int], list[int]]]]:
+        """The micro-batch pairs of each optimizer step from step ``start`` (0-based) on. A resumed run starts at its
+        checkpoint's step: the steps before it are drawn (the seeded order depends on them) but not kept."""
+        pairs = iter(self)
+        for step, window in enumerate(self.schedule.windows()):
+            micro_batches = list(itertools.islice(pairs, len(window)))
+            if step >= start:
+                yield micro_batches
+
+
+def micro_batch_plan(n_forget: int, n_retain: int, config: UnlearnConfig, world_size: int = 1) -> MicroBatchPlan:
+    """The run's :class:`MicroBatchPlan` (lazy, re-iterable)."""
+    return MicroBatchPlan(n_forget, n_retain, config, world_size)
 
 
 def decay_parameter_names(model: torch.nn.Module) -> set[str]:

@@ -110,7 +110,7 @@ def test_trainer_run_resumed_from_a_checkpoint_retraces_the_uninterrupted_run(tm
 
     full, full_weights, full_log = run("full")
     assert full.steps == 6 and [line["dual_warmup"] for line in full_log] == [True] * 3 + [False] * 3
-    assert full.final_lambda != 1.0 and full.constraint_met is False
+    assert full.final_lambda != 1.0 and full.last_step_within_epsilon is False
     # The interrupted run's log goes on: lines past the checkpoint are dropped, then logged again.
     (tmp_path / "resumed.jsonl").write_text((tmp_path / "full.jsonl").read_text())
     resumed, resumed_weights, resumed_log = run("resumed", resume_from=str(tmp_path / "checkpoints" / "checkpoint-4"))

@@ -1,9 +1,11 @@
-"""The dual update of ceu.primal_dual against hand-computed values."""
+"""The dual update of ceu.primal_dual against hand-computed values, and the inputs it refuses."""
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from ceu.primal_dual import PrimalDual, relative_epsilon
+from ceu.primal_dual import UPDATE_MODES, PrimalDual, relative_epsilon
 
 
 def t(value):
@@ -116,8 +118,12 @@ def test_state_dict_round_trip():
 
 def test_relative_epsilon():
     assert relative_epsilon(2.0, 0.1) == pytest.approx(2.2)
-    with pytest.raises(ValueError, match="alpha"):
-        relative_epsilon(2.0, -0.1)
+    for alpha in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+            relative_epsilon(2.0, alpha)
+    for loss in (math.nan, math.inf):  # a diverged model before unlearning: no bound can be relative to it
+        with pytest.raises(ValueError, match=f"retain loss before unlearning is {loss}"):
+            relative_epsilon(loss, 0.1)
 
 
 @pytest.mark.parametrize("kwargs, name", [({"lambda_init": -1.0}, "lambda_init"), ({"dual_lr": -1.0}, "dual_lr"),
@@ -126,3 +132,32 @@ def test_relative_epsilon():
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         PrimalDual(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["lambda_init", "dual_lr", "epsilon", "forget_weight"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, -1e-9, "1.0", None, True])
+def test_non_finite_negative_or_non_numbers_are_refused_at_construction(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number >= 0, got"):
+        PrimalDual(**{name: value})
+
+
+@pytest.mark.parametrize("value", [math.nan, 2.5, -1, "3", True])
+def test_warmup_steps_must_be_a_whole_number_of_steps(value):
+    """Not ``cannot convert float NaN to integer``, and 2.5 is not silently 2."""
+    with pytest.raises(ValueError, match="^warmup_steps must be an integer >= 0"):
+        PrimalDual(warmup_steps=value)
+
+
+@pytest.mark.parametrize("update_every", UPDATE_MODES)
+@pytest.mark.parametrize("loss", [torch.tensor([0.9]), torch.tensor([0.9, 0.1]), torch.zeros(2, 2), 0.9])
+def test_observe_refuses_a_loss_that_is_not_a_0d_tensor(update_every, loss):
+    """A per-sample loss would broadcast λ into a vector (the dual step, and every later Lagrangian, silently wrong)."""
+    pd = PrimalDual(lambda_init=1.0, dual_lr=1.0, epsilon=0.0, update_every=update_every)
+    with pytest.raises(ValueError, match="retain_loss must be a 0-d tensor"):
+        pd.observe(loss)
+    pd.step()
+    assert pd.lam.shape == () and pd.lam.item() == 1.0
+    with pytest.raises(ValueError, match="forget_loss must be a 0-d tensor"):
+        pd.lagrangian(torch.ones(3), t(0.5))
+    with pytest.raises(ValueError, match="retain_loss must be a 0-d tensor"):
+        pd.lagrangian(t(0.5), torch.ones(1))

@@ -2,10 +2,13 @@
 ceu.hf.PrimalDualTrainer running the same optimizer steps (micro-batches per step), the same LR at every step, the same
 steps with λ held and the same weight-decay groups for one UnlearnConfig."""
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ceu.config import UnlearnConfig
 from ceu.primal_dual import PrimalDual
@@ -139,13 +142,62 @@ def test_trainer_refuses_arguments_that_would_run_another_schedule(tmp_path):
 
 def test_micro_batch_plan_is_seeded_and_covers_each_epoch():
     config = UnlearnConfig(epochs=2, batch_size=3, seed=7)
-    plan = micro_batch_plan(7, 4, config)
-    assert plan == micro_batch_plan(7, 4, config)
-    assert len(plan) == 6
+    plan = list(micro_batch_plan(7, 4, config))
+    assert plan == list(micro_batch_plan(7, 4, config))
+    assert len(plan) == len(micro_batch_plan(7, 4, config)) == 6
     for epoch in (plan[:3], plan[3:]):
         assert sorted(i for forget, _ in epoch for i in forget) == list(range(7))
     assert all(len(forget) == len(retain) for forget, retain in plan)
-    assert plan != micro_batch_plan(7, 4, UnlearnConfig(epochs=2, batch_size=3, seed=8))
+    assert plan != list(micro_batch_plan(7, 4, UnlearnConfig(epochs=2, batch_size=3, seed=8)))
+    # the retain side: shuffled passes over the 4 retain samples, back to back across forget batches and epochs
+    retain_stream = [i for _, retain in plan for i in retain]
+    for start in range(0, 12, 4):
+        assert sorted(retain_stream[start:start + 4]) == [0, 1, 2, 3]
+
+
+def test_micro_batch_plan_is_pinned():
+    """The seeded order itself, as the plan built up front (before it was lazy) drew it: changing it would change every
+    run's data order."""
+    plan = list(micro_batch_plan(5, 3, UnlearnConfig(epochs=1.5, batch_size=2, seed=3)))
+    assert plan == PINNED_PLAN
+
+
+PINNED_PLAN = [([1, 0], [1, 0]), ([3, 4], [2, 0]), ([2], [2]), ([1, 4], [1, 2]), ([3, 0], [0, 1]), ([2], [0])]
+
+
+@settings(max_examples=150, deadline=None)
+@given(n_forget=st.integers(1, 13), n_retain=st.integers(1, 9), batch_size=st.integers(1, 5),
+       accumulation=st.integers(1, 4), epochs=st.sampled_from([0.2, 1, 1.5, 2.5, 3]), world_size=st.integers(1, 3),
+       start=st.integers(0, 40))
+def test_optimizer_steps_from_any_step_are_the_tail_of_the_whole_plan(n_forget, n_retain, batch_size, accumulation,
+                                                                      epochs, world_size, start):
+    """Property: the plan grouped per optimizer step is the plan cut by Schedule.windows(), and a resumed run starting
+    at step ``start`` gets exactly the steps an uninterrupted run gets from there."""
+    config = UnlearnConfig(epochs=epochs, batch_size=batch_size, grad_accum_steps=accumulation)
+    plan = micro_batch_plan(n_forget, n_retain, config, world_size)
+    flat = list(plan)
+    whole = list(plan.optimizer_steps())
+    assert whole == [[flat[index] for index in window] for window in plan.schedule.windows()]
+    assert len(whole) == plan.schedule.total_steps
+    assert list(plan.optimizer_steps(start)) == whole[start:]
+
+
+def test_a_huge_number_of_epochs_is_planned_lazily():
+    """10¹² epochs: the first steps (and a resume at step 10⁴) come at once, in a few kB; a plan built up front
+    would need ~10¹² entries before step one."""
+    config = UnlearnConfig(epochs=1e12, batch_size=2, grad_accum_steps=2)
+    plan = micro_batch_plan(5, 3, config)
+    assert plan.schedule.total_steps == 2 * 10 ** 12
+    tracemalloc.start()
+    steps = plan.optimizer_steps(start=10 ** 4)
+    first = [next(steps) for _ in range(3)]
+    windows = plan.schedule.windows()
+    assert [list(next(windows)) for _ in range(3)] == [[0, 1], [2], [3, 4]]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 256 * 1024, peak
+    small = micro_batch_plan(5, 3, UnlearnConfig(epochs=5002, batch_size=2, grad_accum_steps=2))
+    assert first == list(small.optimizer_steps(start=10 ** 4))[:3]
 
 
 def test_lr_factor_warms_up_from_zero():
