@@ -1,4 +1,4 @@
-"""``python -m benchmarks cpu|gpu [--dry-run]``: run a suite, write its outputs, print its Markdown last."""
+"""``python -m benchmarks cpu|gpu|unlearning [--dry-run]``: run a suite, write its outputs, print its Markdown last."""
 import argparse
 import sys
 from pathlib import Path
@@ -12,8 +12,13 @@ GPU_TIME_BUDGET_S = 420  # no new case after this: room for the last case (up to
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["unlearning"]:  # the methods' comparison has its own options (benchmarks/unlearning.py)
+        from .unlearning import main as unlearning
+
+        return unlearning(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suite", choices=("cpu", "gpu"))
+    parser.add_argument("suite", choices=("cpu", "gpu", "unlearning"))
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes through every code path; writes only under the output folder "
                              "(with gpu and no CUDA device: the GPU command's in-process path on the CPU)")
