@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ceu
-from helpers import assert_close
+from helpers import assert_close, needs_triton
 
 H, V = 8, 20
 
@@ -237,3 +237,59 @@ def test_torch_func_transforms_raise_a_ceu_error(loss, transform):
     with pytest.raises(RuntimeError, match="comes from a torch.func transform \\(grad, vmap, jacrev, ...\\), which "
                                            "the fused losses do not support"):
         run()
+
+
+# --- Documented rules (README, Semantics): no token counted, fp16 logits past 65504 ------------------------------
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("where", ["weight", "bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_no_token_counted_gives_zero_whatever_the_weight_holds(loss, reduction, where, value):
+    """The README's rule: with every token masked (ignored) the loss is exactly 0 even for a non-finite weight or
+    bias (an empty sum reads none of it; before, the README also promised a non-finite loss for any non-finite
+    weight). The gradients stay connected."""
+    hidden, weight, bias = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 3, H), (V, H), (V,)))
+    (weight if where == "weight" else bias)[4] = value
+    inputs = [t.requires_grad_() for t in (hidden, weight, bias)]
+    if loss == "lmf":
+        got = ceu.linear_lmf_loss(*inputs, mask=torch.zeros(2, 3, dtype=torch.bool), reduction=reduction,
+                                  impl="torch")
+    else:
+        got = ceu.linear_cross_entropy(*inputs[:2], torch.full((2, 3), -100), inputs[2], reduction=reduction,
+                                       impl="torch")
+    assert torch.equal(got, torch.zeros_like(got))
+    assert all(g.shape == t.shape for g, t in zip(torch.autograd.grad(got.sum(), inputs), inputs))
+
+
+def overflowing_fp16_head():
+    """fp16 inputs whose logits are about 78 000, past fp16's largest finite value (65504)."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = (80 + torch.rand(5, 16, generator=generator)).half()
+    weight = (60 + torch.rand(V, 16, generator=generator)).half()
+    return hidden, weight, torch.arange(5)
+
+
+def test_fp16_logits_past_65504_overflow_on_the_chunked_backend():
+    """The README's rule for impl="torch": the GEMM's fp16 output is inf, so the LMF max and loss are inf and the
+    cross-entropy NaN (inf - inf)."""
+    hidden, weight, labels = overflowing_fp16_head()
+    assert (hidden.double() @ weight.double().T).min() > 65504
+    loss, stats = ceu.linear_lmf_loss(hidden, weight, impl="torch", reduction="none", return_stats=True)
+    assert stats.max.isinf().all() and loss.isinf().all()
+    assert ceu.linear_cross_entropy(hidden, weight, labels, impl="torch", reduction="none").isnan().all()
+
+
+@needs_triton
+def test_fp16_logits_past_65504_stay_finite_on_the_triton_backend():
+    """The other half of the rule: Triton keeps fp32 accumulators, so the max, the mean and the cross-entropy are
+    the float64 values (within fp32's tolerance, the precision they are computed in) and the LMF loss is finite."""
+    hidden, weight, labels = overflowing_fp16_head()
+    logits = hidden.double() @ weight.double().T
+    loss, stats = ceu.linear_lmf_loss(hidden, weight, impl="triton", reduction="none", return_stats=True)
+    assert_close("max", stats.max, logits.amax(-1), torch.float32)
+    assert_close("mean", stats.mean, logits.mean(-1), torch.float32)  # the loss squares their small difference
+    assert loss.isfinite().all()
+    ce = ceu.linear_cross_entropy(hidden, weight, labels, impl="triton", reduction="none")
+    assert_close("cross-entropy", ce, torch.nn.functional.cross_entropy(logits, labels, reduction="none"),
+                 torch.float32)
