@@ -154,6 +154,29 @@ def make_world(n_authors: int = 40, seed: int = 0) -> dict[str, list[dict]]:
     return splits
 
 
+# The eval splits `ceu unlearn --data` looks for beside the data splits, and the world's split each one is: retain90
+# holds no author of any forget split, as TOFU's retain_perturbed does.
+EVAL_SPLITS = {**{f"forget{percent:02d}_perturbed": f"forget{percent:02d}" for percent in FORGET_PERCENTS},
+               "retain_perturbed": "retain90", "real_authors_perturbed": "real_authors",
+               "world_facts_perturbed": "world_facts"}
+TOFU_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+
+
+def export_world(folder: str | Path, world: dict[str, list[dict]]) -> list[Path]:
+    """Write ``world`` (from :func:`make_world`) as a data folder that ``ceu unlearn --data FOLDER`` reads:
+    ``<split>.json`` in TOFU's own layout (JSON Lines, TOFU's fields) for every split and for the eval splits
+    (``EVAL_SPLITS``). Returns the files written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {**world, **{name: world[source] for name, source in EVAL_SPLITS.items()}}
+    written = []
+    for name, records in splits.items():
+        path = folder / f"{name}.json"
+        path.write_text("".join(json.dumps({key: record[key] for key in TOFU_FIELDS}) + "\n" for record in records))
+        written.append(path)
+    return written
+
+
 def build_tokenizer(world: dict[str, list[dict]]):
     """A word-level tokenizer over every word of the world (split on whitespace) plus the template's words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

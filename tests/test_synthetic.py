@@ -37,3 +37,21 @@ def test_stage_one_trains_once_then_reuses_the_cache(tmp_path):
     assert [m.startswith("stage one: reusing") for m in messages] == [False, False, True, True]
     assert again.load("learned").config.vocab_size == len(stage.tokenizer)
     assert len(again.samples("forget10")) == 8
+
+
+def test_export_world_is_a_data_folder_the_cli_reads(tmp_path):
+    pytest.importorskip("datasets")
+    from ceu.cli import TOFU_EVAL_SPLITS
+    from ceu.data import load_records
+    from ceu.synthetic import TOFU_FIELDS, export_world
+
+    world = make_world(n_authors=10)
+    written = export_world(tmp_path, world)
+    assert len(written) == len({path.name for path in written})
+    for split, records in world.items():
+        assert list(load_records(str(tmp_path), split)) == [{k: r[k] for k in TOFU_FIELDS} for r in records]
+    for role, split in TOFU_EVAL_SPLITS.values():  # the eval splits `ceu unlearn --data` looks for
+        assert len(load_records(str(tmp_path), split)) > 0
+    assert list(load_records(str(tmp_path), "forget10_perturbed")) == list(load_records(str(tmp_path), "forget10"))
+    retain_perturbed = {r["question"] for r in load_records(str(tmp_path), "retain_perturbed")}
+    assert retain_perturbed.isdisjoint(r["question"] for r in world["forget10"])
