@@ -24,35 +24,47 @@ def load_records(source: str, config: str | None = None, split: str = "train"):
     """
     import datasets
 
-    path = Path(source)
-    if path.is_dir():
-        if config is None:
-            raise ValueError(f"{source} is a folder: name the split file to read (e.g. config='forget10')")
-        candidates = [path / f"{config}{suffix}" for suffix in (".json", ".jsonl")]
-        found = [candidate for candidate in candidates if candidate.is_file()]
-        if not found:
-            raise FileNotFoundError(f"no {config}.json or {config}.jsonl in {source}")
-        path = found[0]
-    if path.is_file():
+    path = _local_file(source, config)
+    if path is not None:
         # Read with the stdlib first: pyarrow's reader crashes the interpreter on a leading null and silently turns
         # a list of lists into one "text" column; the stdlib also says where a file is broken.
         if problem := _json_problem(path):
             raise ValueError(f"{path}: {problem}. {JSON_HINT}")
-        # what is left for datasets to refuse, e.g. a duplicated key (pyarrow's parse error)
-        try:
+        try:  # what is left for datasets to refuse, e.g. a duplicated key (pyarrow's parse error)
             records = datasets.load_dataset("json", data_files=str(path), split="train")
         except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as error:
-            problem = _json_problem(path) or f"datasets could not read it ({error.__cause__ or error!r})"
-            raise ValueError(f"{path}: {problem}. {JSON_HINT}") from error
-        where = str(path)
-    elif path.suffix in (".json", ".jsonl"):
-        raise FileNotFoundError(f"no such data file: {source}")
+            raise ValueError(f"{path}: datasets could not read it ({error.__cause__ or error!r}). {JSON_HINT}") \
+                from error
     else:
         records = datasets.load_dataset(source, config, split=split)
-        where = f"{source} [{config}/{split}]"
     if len(records) == 0:
-        raise ValueError(f"{where} is empty")
+        raise ValueError(f"{records_name(source, config, split)} is empty")
     return records
+
+
+def records_name(source: str, config: str | None = None, split: str = "train") -> str:
+    """What errors call the records :func:`load_records` gives for the same arguments: the local file, or the hub
+    dataset with its config and split. Pass it as ``where`` to :func:`tokenize_qa` and :func:`tokenize_text`."""
+    path = _local_file(source, config)
+    return str(path) if path is not None else f"{source} [{config}/{split}]"
+
+
+def _local_file(source: str, config: str | None) -> Path | None:
+    """The local JSON/JSONL file named by ``source`` (a file, or a folder holding ``<config>.json(l)``), or None for
+    a hub dataset."""
+    path = Path(source)
+    if path.is_dir():
+        if config is None:
+            raise ValueError(f"{source} is a folder: name the split file to read (e.g. config='forget10')")
+        found = [path / f"{config}{suffix}" for suffix in (".json", ".jsonl") if (path / f"{config}{suffix}").is_file()]
+        if not found:
+            raise FileNotFoundError(f"no {config}.json or {config}.jsonl in {source}")
+        return found[0]
+    if path.is_file():
+        return path
+    if path.suffix in (".json", ".jsonl"):
+        raise FileNotFoundError(f"no such data file: {source}")
+    return None
 
 
 def _json_problem(path: Path) -> str | None:

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ceu.data import (IGNORE_INDEX, QATemplate, check_max_length, encode_qa, load_records, pad_batch, tokenize_qa,
-                      tokenize_text)
+from ceu.data import (IGNORE_INDEX, QATemplate, check_max_length, encode_qa, load_records, pad_batch, records_name,
+                      tokenize_qa, tokenize_text)
 
 TOFU_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tofu_legacy"  # TOFU's own files, see its README
 
@@ -222,9 +222,12 @@ def test_malformed_records_in_a_file_are_refused_by_file_record_and_field(tmp_pa
     tokenising it names the file, the record and the field, never a tokenizer's type error."""
     path = tmp_path / name
     path.write_text("\n".join(map(json.dumps, rows)) if name.endswith("l") else json.dumps(rows))
+    split = path.stem
     with pytest.raises(ValueError) as caught:
-        tokenize_qa(load_records(str(path)), StrictTokenizer(), TEMPLATE, where=str(path))
+        tokenize_qa(load_records(str(tmp_path), split), StrictTokenizer(), TEMPLATE,
+                    where=records_name(str(tmp_path), split))
     assert str(caught.value) == f"{path} {message}"
+    assert records_name("locuslab/TOFU", "forget10") == "locuslab/TOFU [forget10/train]"
 
 
 def test_a_list_of_lists_file_is_refused_not_read_as_a_text_column(tmp_path):
