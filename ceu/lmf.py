@@ -131,7 +131,8 @@ def linear_lmf_loss(hidden, weight, bias=None, *, mask=None, reduction="mean", i
         mask: optional bool ``[...]``; True marks a token that counts. Masked tokens contribute 0 and get 0 gradient.
         reduction: ``"mean"`` over counted tokens (0 when none is counted), ``"sum"``, or ``"none"`` (per token).
         impl: ``"auto"`` (fastest available for the device), ``"torch"`` (chunked PyTorch), ``"triton"``, ``"cuda"``.
-        chunk_size: tokens per GEMM chunk; default from a memory budget (``ceu_kernels.contract.CHUNK_BUDGET_BYTES``).
+        chunk_size: tokens per GEMM chunk; default: the most whose logits fit both a memory budget
+            (``ceu_kernels.contract.CHUNK_BUDGET_BYTES``) and the size of the weight (see ``contract.chunk_rows``).
         vocab_size: real vocabulary size when the last ``V - vocab_size`` rows of ``weight`` are padding.
         return_stats: also return :class:`LMFStats` (per-token max, mean, first-index argmax).
 

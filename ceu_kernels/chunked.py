@@ -28,7 +28,7 @@ def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
     n_tokens = hidden.shape[0]
     weight_t = weight[:vocab_size].t()
     bias = None if bias is None else bias[:vocab_size]
-    rows = min(chunk_rows(chunk_size, vocab_size, hidden.element_size()), max(n_tokens, 1))
+    rows = min(chunk_rows(chunk_size, vocab_size, hidden.element_size(), weight), max(n_tokens, 1))
     buffer = hidden.new_empty(rows, vocab_size)
     row_max = hidden.new_empty(n_tokens)
     argmax = torch.empty(n_tokens, dtype=torch.int64, device=hidden.device)
@@ -41,15 +41,14 @@ def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
 
 def lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hidden, needs_weight, needs_bias):
     """Closed-form LMF gradients (see the contract): gathers and one scatter, no GEMM, no logits; dW and db are
-    written once in the weight's dtype by :func:`rank_one_plus_scatter`."""
+    written once in the weight's dtype by :func:`rank_one_plus_scatter`.
+
+    dW comes first; its ``[tokens, H]`` scaled hidden states are then overwritten by dh (same dtype: float32 and
+    float64 inputs), so the peak is the returned gradients and nothing else."""
     acc = coef.dtype
     picked = (argmax >= 0) & (argmax < vocab_size)
-    grad_hidden = grad_weight = grad_bias = None
-    if needs_hidden:
-        rows = torch.where(picked, argmax, 0)
-        scale = torch.where(picked, coef, float("nan"))
-        grad_hidden = (scale[:, None] * (weight.index_select(0, rows).to(acc) - weight_mean)).to(hidden.dtype)
     rows = torch.where(picked, argmax, weight.shape[0])  # one past the last row: a scratch row, dropped
+    grad_hidden = grad_weight = grad_bias = scaled_hidden = None
     if needs_weight:
         scaled_hidden = coef[:, None] * hidden.to(acc)
         grad_weight = rank_one_plus_scatter(rows, scaled_hidden, scaled_hidden.sum(0) / -vocab_size,
@@ -57,6 +56,11 @@ def lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hi
     if needs_bias:
         grad_bias = rank_one_plus_scatter(rows, coef, coef.sum() / -vocab_size, weight.shape[0], vocab_size,
                                           weight.dtype)
+    if needs_hidden:
+        reuse = scaled_hidden if scaled_hidden is not None and scaled_hidden.dtype == weight.dtype else None
+        grad_hidden = torch.index_select(weight, 0, torch.where(picked, argmax, 0), out=reuse).to(acc)
+        grad_hidden = grad_hidden.sub_(weight_mean).mul_(torch.where(picked, coef, float("nan"))[:, None])
+        grad_hidden = grad_hidden.to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -65,22 +69,32 @@ def rank_one_plus_scatter(rows, values, rank_one, n_rows, vocab_size, dtype):
     once in ``dtype`` into ``n_rows`` rows; ``rows == n_rows`` marks a value to drop. Also the vocab-parallel LMF
     backward's dW and db.
 
-    Only the touched rows (at most one per token) are summed in ``values``' precision, so a half-precision dW needs
-    no float32 ``[V, H]`` accumulator: the output is the only ``[V, H]`` tensor (plus the scratch row).
+    In ``values``' dtype the sums go straight into the output. In a narrower ``dtype`` only the touched rows (at most
+    one per token) are summed in ``values``' precision, in one slot per distinct row found by sorting (no host
+    sync), so a half-precision dW needs no float32 ``[V, H]`` accumulator: the output is the only ``[V, H]`` tensor
+    (plus the scratch row).
     """
-    touched, slot = torch.unique(rows, return_inverse=True)
-    sums = values.new_zeros((touched.shape[0], *values.shape[1:])).index_add_(0, slot, values)
-    out = torch.zeros((n_rows + 1, *values.shape[1:]), dtype=dtype, device=values.device)
+    out = values.new_empty((n_rows + 1, *values.shape[1:]), dtype=dtype)
     out[:vocab_size] = rank_one.to(dtype)
-    out[touched] = (sums + rank_one).to(dtype)
+    out[vocab_size:] = 0
+    if dtype == values.dtype:
+        return out.index_add_(0, rows, values)[:n_rows]
+    sorted_rows, order = rows.sort()
+    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
+    starts[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    slot = torch.empty_like(rows).index_copy_(0, order, starts.cumsum(0) - 1)
+    sums = values.new_zeros(values.shape).index_add_(0, slot, values)
+    slot_row = torch.full_like(rows, n_rows).index_copy_(0, slot, rows)  # unused slots: the scratch row
+    out.index_put_((slot_row,), (sums.add_(rank_one)).to(dtype))
     return out[:n_rows]
 
 
-def _ce_buffers(hidden, vocab_size, chunk_size):
-    """The reused chunk buffers: logits in the input dtype and, for half inputs, a float32 copy for the softmax."""
-    half = hidden.dtype in (torch.float16, torch.bfloat16)
+def _ce_buffers(hidden, weight, vocab_size, chunk_size, upcast=True):
+    """The reused chunk buffers: logits in the input dtype and, for half inputs when ``upcast``, a float32 copy for
+    the softmax (else the same buffer twice)."""
+    half = upcast and hidden.dtype in (torch.float16, torch.bfloat16)
     bytes_per_logit = hidden.element_size() + (4 if half else 0)
-    rows = min(chunk_rows(chunk_size, vocab_size, bytes_per_logit), max(hidden.shape[0], 1))
+    rows = min(chunk_rows(chunk_size, vocab_size, bytes_per_logit, weight), max(hidden.shape[0], 1))
     buffer = hidden.new_empty(rows, vocab_size)
     buffer_acc = buffer.new_empty(rows, vocab_size, dtype=torch.float32) if half else buffer
     return rows, buffer, buffer_acc
@@ -98,7 +112,7 @@ def ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_siz
     n_tokens = hidden.shape[0]
     weight_t = weight[:vocab_size].t()
     bias = None if bias is None else bias[:vocab_size]
-    rows, buffer, buffer_acc = _ce_buffers(hidden, vocab_size, chunk_size)
+    rows, buffer, buffer_acc = _ce_buffers(hidden, weight, vocab_size, chunk_size)
     valid = labels != ignore_index
     targets = torch.where(valid, labels, 0).long()
     lse = torch.empty(n_tokens, dtype=buffer_acc.dtype, device=hidden.device)
@@ -118,7 +132,7 @@ def ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_inde
     n_tokens = hidden.shape[0]
     weight_real = weight[:vocab_size]
     bias = None if bias is None else bias[:vocab_size]
-    rows, buffer, buffer_acc = _ce_buffers(hidden, vocab_size, chunk_size)
+    rows, buffer, buffer_acc = _ce_buffers(hidden, weight, vocab_size, chunk_size)
     valid = labels != ignore_index
     targets = torch.where(valid, labels, 0).long()
     token_grad = torch.where(valid, grad, 0.0).to(buffer_acc.dtype)
@@ -138,43 +152,65 @@ def ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_inde
     return grad_hidden, grad_weight, grad_bias
 
 
-def ce_forward_backward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size,
-                        needs_hidden, needs_weight, needs_bias):
-    """:func:`ce_forward` and the gradients of the sum of the per-token losses in one pass over the logits.
+def softmax_minus_onehot_(logits, labels, ignore_index, loss, lse):
+    """The torch backend's row step of :func:`fused_ce_loop`: the target logit and the row max, then the logits
+    become the softmax in place (``torch.softmax``: the one exponential pass, row by row in cache) and
+    ``softmax - onehot`` at the counted tokens; the log-sum-exp is ``max - log(largest probability)`` (that
+    probability is ``1 / sum(exp(z - max))``, never below ``1/V``), exact where the target's probability underflows.
+    Ignored rows are left as the plain softmax: the 0/1 counted-token vector it returns masks them on the small
+    operands, never by another pass over the logits."""
+    valid = labels != ignore_index
+    targets = torch.where(valid, labels, 0).long()[:, None]
+    counted = valid.to(logits.dtype)
+    target_logit = logits.gather(1, targets).squeeze(1)
+    row_max = logits.amax(dim=1)
+    probs = torch.softmax(logits, dim=1, out=logits)
+    torch.sub(row_max, probs.amax(dim=1).log(), out=lse)
+    probs.scatter_add_(1, targets, -counted[:, None])
+    torch.sub(lse, target_logit, out=loss).masked_fill_(~valid, 0.0)
+    return counted
 
-    Each chunk's logits give the target logit and the row max, then become the softmax in place
-    (``torch.softmax``: the one exponential pass, row by row in cache) and ``softmax - onehot`` at the counted
-    tokens; the log-sum-exp is ``max - log(largest probability)`` (that probability is ``1 / sum(exp(z - max))``,
-    never below ``1/V``), exact where the target's probability underflows.
-    The two gradient GEMMs run on the chunk at once, three GEMMs in all against four for :func:`ce_forward` then
-    :func:`ce_backward`. Ignored tokens are masked on the small operands (their ``dh`` rows and ``hidden`` rows for
-    ``dW``, a 0/1 vector for ``db``), never by another pass over the logits. ``dW`` and ``db`` come back in the
-    accumulator dtype (:func:`~ceu_kernels.contract.stat_dtype`), ``dh`` in hidden's dtype.
+
+def fused_ce_loop(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size, needs_hidden, needs_weight,
+                  needs_bias, *, row_step, upcast):
+    """``ce_forward_backward`` of every backend that has one: per token chunk, the logits by one GEMM, then
+    ``row_step`` turns them in place into ``dlogits`` of the sum of the per-token losses (one exponential pass),
+    then ``dh = dlogits @ W`` and ``dW += dlogits.T @ h``: three GEMMs in all against four for a forward and a
+    backward that recomputes. Written once; the backends differ only in the row step.
+
+    ``row_step(logits, labels, ignore_index, loss, lse)`` writes the chunk's per-token loss (0 at ignored tokens)
+    and log-sum-exp (statistics dtype) and rewrites ``logits`` into ``softmax - onehot(label)``; it returns None when
+    it zeroed the ignored rows itself (a kernel, at no cost), else a per-token 0/1 vector that the gradients apply
+    on the small operands (dh's rows, hidden's rows, db's vector). ``upcast``: half-precision logits are copied
+    into a float32 buffer for the row step (the torch path); else the row step reads and writes them in the input
+    dtype (computing in float32), and dW and db still accumulate in the statistics dtype.
+    ``dW`` and ``db`` come back in the statistics dtype (:func:`~ceu_kernels.contract.stat_dtype`), ``dh`` in
+    hidden's dtype.
     """
     n_tokens = hidden.shape[0]
     weight_real = weight[:vocab_size]
     weight_t = weight_real.t()
     bias = None if bias is None else bias[:vocab_size]
-    rows, buffer, buffer_acc = _ce_buffers(hidden, vocab_size, chunk_size)
-    acc = buffer_acc.dtype
-    valid = labels != ignore_index
-    targets = torch.where(valid, labels, 0).long()
-    counted = valid.to(acc)
-    lse = torch.empty(n_tokens, dtype=acc, device=hidden.device)
-    target_logit = torch.empty_like(lse)
+    rows, buffer, buffer_acc = _ce_buffers(hidden, weight, vocab_size, chunk_size, upcast)
+    acc = stat_dtype(hidden.dtype)
+    labels = labels.long()
+    loss = torch.empty(n_tokens, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(loss)
     found = _ce_gradient_outputs(hidden, weight, acc, needs_hidden, needs_weight, needs_bias)
     for start in range(0, n_tokens, rows):
         stop = min(start + rows, n_tokens)
-        chunk_targets = targets[start:stop, None]
         logits = _chunk_logits_acc(buffer, buffer_acc, hidden[start:stop], weight_t, bias)
-        target_logit[start:stop] = logits.gather(1, chunk_targets).squeeze(1)
-        row_max = logits.amax(dim=1)
-        probs = torch.softmax(logits, dim=1, out=logits)  # in place: the one exponential pass
-        torch.sub(row_max, probs.amax(dim=1).log(), out=lse[start:stop])  # the largest probability is 1 / sum
-        probs.scatter_add_(1, chunk_targets, -counted[start:stop, None])
-        _chunk_gradients(probs, buffer, hidden[start:stop], weight_real, start, found, counted[start:stop])
-    per_token = torch.where(valid, lse - target_logit, 0.0)
-    return per_token, lse, *found
+        row_scale = row_step(logits, labels[start:stop], ignore_index, loss[start:stop], lse[start:stop])
+        _chunk_gradients(logits, buffer, hidden[start:stop], weight_real, start, found, row_scale)
+    return loss, lse, *found
+
+
+def ce_forward_backward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size,
+                        needs_hidden, needs_weight, needs_bias):
+    """:func:`ce_forward` and the gradients of the sum of the per-token losses in one pass over the logits:
+    :func:`fused_ce_loop` with the PyTorch row step :func:`softmax_minus_onehot_`."""
+    return fused_ce_loop(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size, needs_hidden,
+                         needs_weight, needs_bias, row_step=softmax_minus_onehot_, upcast=True)
 
 
 def _ce_gradient_outputs(hidden, weight, acc, needs_hidden, needs_weight, needs_bias):
@@ -191,10 +227,11 @@ def _ce_gradient_outputs(hidden, weight, acc, needs_hidden, needs_weight, needs_
 
 
 def _chunk_gradients(dlogits, buffer, hidden_chunk, weight_real, start, found, row_scale=None):
-    """One chunk's share of the gradients from its ``dlogits`` (accumulator dtype), each row scaled by
-    ``row_scale`` (per token, accumulator dtype) when given: its rows of dh (GEMM in the inputs' dtype, through
-    ``buffer`` for half inputs) and its addition to dW and db on the real rows. The scale goes on the small operands
-    (dh's rows, hidden's rows, db's vector), never on ``dlogits``."""
+    """One chunk's share of the gradients from its ``dlogits`` (the accumulator dtype, or the inputs' dtype from a
+    row step that does not upcast), each row scaled by ``row_scale`` (per token, accumulator dtype) when given: its
+    rows of dh (GEMM in the inputs' dtype, through ``buffer`` for upcast half inputs) and its addition to dW and db
+    (accumulator dtype) on the real rows. The scale goes on the small operands (dh's rows, hidden's rows, db's
+    vector), never on ``dlogits``."""
     grad_hidden, grad_weight, grad_bias = found
     vocab_size = weight_real.shape[0]
     if grad_hidden is not None:
@@ -204,16 +241,28 @@ def _chunk_gradients(dlogits, buffer, hidden_chunk, weight_real, start, found, r
         if row_scale is not None:
             grad_rows.mul_(row_scale[:, None])
     if grad_weight is not None:
-        hidden_acc = hidden_chunk.to(dlogits.dtype)
+        hidden_in = hidden_chunk.to(dlogits.dtype)
         if row_scale is not None:
-            hidden_acc = hidden_acc * row_scale[:, None]
-        if start == 0:  # the first chunk writes dW (empty until now), the others add to it
-            torch.mm(dlogits.t(), hidden_acc, out=grad_weight[:vocab_size])
+            hidden_in = hidden_in * row_scale[:, None]
+        # the first chunk writes dW (empty until now), the others add to it
+        gemm_into(grad_weight[:vocab_size], dlogits.t(), hidden_in, accumulate=start > 0)
+        if start == 0:
             grad_weight[vocab_size:] = 0
-        else:
-            grad_weight[:vocab_size].addmm_(dlogits.t(), hidden_acc)
     if grad_bias is not None:
         if row_scale is None:
-            grad_bias[:vocab_size] += dlogits.sum(0)
+            grad_bias[:vocab_size] += dlogits.sum(0, dtype=grad_bias.dtype)
         else:
             grad_bias[:vocab_size].addmv_(dlogits.t(), row_scale)
+
+
+def gemm_into(out, a, b, accumulate):
+    """``out = a @ b`` or ``out += a @ b``, where ``out`` may be float32 for half operands: on a GPU cuBLAS then
+    accumulates in float32 (``out_dtype``); the CPU has no such GEMM (only the Triton interpreter brings half
+    operands here), so it upcasts them."""
+    if out.dtype != a.dtype and not a.is_cuda:
+        a, b = a.to(out.dtype), b.to(out.dtype)
+    mixed = {} if out.dtype == a.dtype else {"out_dtype": out.dtype}
+    if accumulate:
+        torch.addmm(out, a, b, out=out, **mixed)
+    else:
+        torch.mm(a, b, out=out, **mixed)

@@ -18,8 +18,9 @@ Triton kernels (launchers in :mod:`ceu_kernels.lmf_forward`, ``lmf_backward``, `
 cuBLAS plus the CUDA C++ kernels of ``csrc/`` (:mod:`ceu_kernels.cuda`)."""
 
 CHUNK_BUDGET_BYTES = 128 * 2**20
-"""Default bound on the logits buffer(s) of one token chunk in the backends that write logits (torch, cuda);
-``chunk_size=`` overrides it."""
+"""Default bound on the logits buffer(s) of one token chunk in the backends that write logits (torch, cuda, and
+Triton's cross-entropy with gradients in the forward); ``chunk_size=`` overrides it. A small head bounds it lower
+(see :func:`chunk_rows`)."""
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,11 +29,17 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_rows(chunk_size: int | None, vocab_size: int, bytes_per_logit: int) -> int:
-    """Tokens per GEMM chunk: ``chunk_size`` when given, else as many as fit ``CHUNK_BUDGET_BYTES`` of logits."""
+def chunk_rows(chunk_size: int | None, vocab_size: int, bytes_per_logit: int, weight: Tensor) -> int:
+    """Tokens per GEMM chunk: ``chunk_size`` when given, else as many as fit ``min(CHUNK_BUDGET_BYTES, size of
+    weight[:vocab_size])`` of logits.
+
+    The weight bound follows from the problem: the backward returns a ``dW`` of that size anyway, so a chunk buffer
+    no larger than it never lifts the peak above the backward's (LMF's floor: ``dW`` and ``dh``), while taking as
+    many tokens per GEMM as that allows (fewer tokens per chunk re-read the whole weight more often: slower)."""
     if chunk_size is not None:
         return chunk_size
-    return max(1, CHUNK_BUDGET_BYTES // (vocab_size * bytes_per_logit))
+    weight_bytes = vocab_size * weight.shape[1] * weight.element_size()
+    return max(1, min(CHUNK_BUDGET_BYTES, weight_bytes) // (vocab_size * bytes_per_logit))
 
 
 def interpreting() -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .chunked import gemm_into
 from .contract import chunk_rows, stat_dtype
 
 BUILD_HINT = ("build it where torch has CUDA and nvcc and ninja are installed, with "
@@ -60,16 +61,16 @@ def kernels():
     return _extension
 
 
-def _token_rows(chunk_size, n_tokens, vocab_size, bytes_per_logit):
-    rows = chunk_rows(chunk_size, vocab_size, bytes_per_logit)
+def _token_rows(chunk_size, n_tokens, vocab_size, bytes_per_logit, weight):
+    rows = chunk_rows(chunk_size, vocab_size, bytes_per_logit, weight)
     if chunk_size is None and rows > GEMM_TILE:
         rows -= rows % GEMM_TILE
     return min(rows, max(n_tokens, 1))
 
 
-def _backward_tiles(chunk_size, n_tokens, vocab_size, bytes_per_logit):
+def _backward_tiles(chunk_size, n_tokens, vocab_size, bytes_per_logit, weight):
     """(token rows, vocabulary columns) of a cross-entropy backward tile holding as many logits as a forward chunk."""
-    budget = chunk_rows(chunk_size, vocab_size, bytes_per_logit) * vocab_size
+    budget = chunk_rows(chunk_size, vocab_size, bytes_per_logit, weight) * vocab_size
     cols = max(MIN_VOCAB_TILE, budget // max(n_tokens, 1))
     if cols < vocab_size:
         cols -= cols % GEMM_TILE
@@ -86,22 +87,13 @@ def _logits_into(out, hidden, weight_t, bias):
     return torch.addmm(bias, hidden, weight_t, out=out)
 
 
-def _gemm(out, a, b, accumulate):
-    """``out = a @ b`` or ``out += a @ b`` in cuBLAS, whose output may be float32 for half inputs."""
-    mixed = {} if out.dtype == a.dtype else {"out_dtype": out.dtype}
-    if accumulate:
-        torch.addmm(out, a, b, out=out, **mixed)
-    else:
-        torch.mm(a, b, out=out, **mixed)
-
-
 def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
     """Per-token max and first-index argmax of ``hidden @ weight[:vocab_size].T + bias``."""
     ops = kernels()
     n_tokens = hidden.shape[0]
     weight_t = weight[:vocab_size].t()
     bias = None if bias is None else bias[:vocab_size]
-    rows = _token_rows(chunk_size, n_tokens, vocab_size, hidden.element_size())
+    rows = _token_rows(chunk_size, n_tokens, vocab_size, hidden.element_size(), weight)
     buffer = hidden.new_empty(rows, vocab_size)
     row_max = hidden.new_empty(n_tokens, dtype=stat_dtype(hidden.dtype))
     argmax = hidden.new_empty(n_tokens, dtype=torch.int64)
@@ -151,7 +143,7 @@ def ce_forward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_siz
     weight_t = weight[:vocab_size].t()
     bias = None if bias is None else bias[:vocab_size]
     labels = labels.to(torch.int64).contiguous()
-    rows = _token_rows(chunk_size, n_tokens, vocab_size, hidden.element_size())
+    rows = _token_rows(chunk_size, n_tokens, vocab_size, hidden.element_size(), weight)
     buffer = hidden.new_empty(rows, vocab_size)
     loss = hidden.new_empty(n_tokens, dtype=stat_dtype(hidden.dtype))
     lse = torch.empty_like(loss)
@@ -176,7 +168,7 @@ def ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_inde
     bias = None if bias is None else bias[:vocab_size]
     labels = labels.to(torch.int64).contiguous()
     token_grad = torch.where(labels != ignore_index, grad, 0.0).to(acc).contiguous()
-    rows, cols = _backward_tiles(chunk_size, n_tokens, vocab_size, hidden.element_size())
+    rows, cols = _backward_tiles(chunk_size, n_tokens, vocab_size, hidden.element_size(), weight)
     # A float32 twin only for a gradient that sums over several tiles in a half dtype.
     several_token_tiles = n_tokens > rows and hidden.dtype != acc
     several_vocab_tiles = vocab_size > cols and hidden.dtype != acc
@@ -202,9 +194,9 @@ def ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_inde
             _logits_into(logits, hidden_tile, weight_real[first:last].t(), None if bias is None else bias[first:last])
             ops.ce_grad_(logits, labels[start:stop], first, lse[start:stop], token_grad[start:stop])
             if needs_hidden:
-                _gemm(hidden_acc[start:stop], logits, weight_real[first:last], accumulate=first > 0)
+                gemm_into(hidden_acc[start:stop], logits, weight_real[first:last], accumulate=first > 0)
             if needs_weight:
-                _gemm(weight_acc[first:last], logits.t(), hidden_tile, accumulate=start > 0)
+                gemm_into(weight_acc[first:last], logits.t(), hidden_tile, accumulate=start > 0)
             if needs_bias:
                 grad_bias[first:last] += logits.sum(0, dtype=acc)
 

@@ -173,10 +173,11 @@ def test_cross_entropy_host_loop_matches_chunked(torch_kernels, shape, chunk_siz
 def test_backward_tiles_stay_within_the_chunk_budget():
     """Every tile holds at most as many logits as a forward chunk, and all tokens at once where that is possible."""
     for chunk_size, n_tokens, vocab_size in [(None, 8192, 128256), (4, 37, 290), (1, 5, 40), (None, 10**6, 50000)]:
-        rows, cols = cuda._backward_tiles(chunk_size, n_tokens, vocab_size, 2)
-        budget = chunk_rows(chunk_size, vocab_size, 2) * vocab_size
+        weight = torch.empty(vocab_size, 4096, dtype=torch.float16, device="meta")
+        rows, cols = cuda._backward_tiles(chunk_size, n_tokens, vocab_size, 2, weight)
+        budget = chunk_rows(chunk_size, vocab_size, 2, weight) * vocab_size
         assert rows * cols <= max(budget, cuda.MIN_VOCAB_TILE) and 1 <= cols <= vocab_size and 1 <= rows <= n_tokens
-    assert cuda._backward_tiles(None, 8192, 128256, 2)[0] == 8192
+    assert cuda._backward_tiles(None, 8192, 128256, 2, torch.empty(128256, 4096, device="meta"))[0] == 8192
 
 
 # --- the kernels against their twins (GPU) ---

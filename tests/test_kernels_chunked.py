@@ -1,0 +1,68 @@
+"""ceu_kernels.chunked (and contract.chunk_rows): the LMF backward's scatter without a host sync and at its memory
+floor, and the chunk size that follows from the head's size."""
+import pytest
+import torch
+
+from ceu_kernels import chunked, contract
+from helpers import assert_close, head_inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(), (5,)], ids=["vector", "rows"])
+def test_rank_one_plus_scatter_matches_float64(dtype, shape):
+    """Repeated rows (summed once, in the values' precision), dropped values (row n_rows), untouched rows (the
+    rank-1 value only), padded rows (zero): against float64 index_add, written in ``dtype``."""
+    n_rows, vocab_size = 12, 9
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.tensor([3, 12, 0, 3, 8, 3, 12, 0, 5, 8, 3])  # 12 = n_rows: dropped
+    acc = contract.stat_dtype(dtype)
+    values = torch.randn(rows.shape[0], *shape, generator=generator, dtype=torch.float64)
+    rank_one = torch.randn(shape, generator=generator, dtype=torch.float64)
+    got = chunked.rank_one_plus_scatter(rows, values.to(acc), rank_one.to(acc), n_rows, vocab_size, dtype)
+    expected = torch.zeros(n_rows + 1, *shape, dtype=torch.float64)
+    expected[:vocab_size] = rank_one
+    expected.index_add_(0, rows, values)
+    assert got.dtype == dtype and got.shape == (n_rows, *shape)
+    assert_close("scatter", got, expected[:n_rows], dtype)
+    assert not got[vocab_size:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(), (3,)], ids=["vector", "rows"])
+def test_rank_one_plus_scatter_rounds_a_half_row_once(dtype, shape):
+    """100 additions of 4e-4 to 1 on one row: each below half an ulp of 1 in a half dtype, so summing in the output
+    dtype would give 1; summed in float32 and rounded once, 1.04."""
+    rows = torch.full((100,), 2)
+    got = chunked.rank_one_plus_scatter(rows, torch.full((100, *shape), 4e-4), torch.ones(shape), 5, 4, dtype)
+    assert_close("row 2", got[2], torch.full(shape, 1.04), dtype)
+    assert torch.equal(got[0], torch.ones(shape, dtype=dtype)) and not got[4].any()
+
+
+def test_lmf_backward_syncs_nothing_with_the_host(monkeypatch):
+    """No data-dependent shape (torch.unique, nonzero, boolean indexing) in the LMF backward: on a GPU these would
+    wait for the device."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync in the LMF backward")
+
+    hidden, weight, _ = head_inputs(10, 8, 20, torch.float16)
+    argmax = torch.tensor([3, 3, 0, 19, 5, 3, 0, 7, 7, 2])
+    coef = torch.linspace(-1, 1, 10)
+    for name in ("unique", "nonzero", "masked_select", "unique_consecutive"):
+        monkeypatch.setattr(torch, name, forbidden)
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    grads = chunked.lmf_backward(coef, argmax, hidden, weight, weight.float().mean(0), 18, True, True, True)
+    assert all(g is not None for g in grads)
+
+
+@pytest.mark.parametrize("vocab_size,hidden_size,dtype", [(128256, 256, torch.float32), (128256, 4096, torch.bfloat16),
+                                                          (50, 8, torch.float32), (1000, 3, torch.float16)])
+def test_chunk_rows_follow_the_head(vocab_size, hidden_size, dtype):
+    """A chunk's logits never outgrow CHUNK_BUDGET_BYTES nor the head's real rows (so a chunk buffer is no larger
+    than the dW the backward returns), and fill the smaller of the two but for a row; chunk_size wins when given."""
+    weight = torch.empty(vocab_size + 6, hidden_size, dtype=dtype, device="meta")
+    bytes_per_logit = torch.finfo(dtype).bits // 8
+    rows = contract.chunk_rows(None, vocab_size, bytes_per_logit, weight)
+    limit = min(contract.CHUNK_BUDGET_BYTES, vocab_size * hidden_size * weight.element_size())
+    buffer = rows * vocab_size * bytes_per_logit
+    assert rows >= 1 and (buffer <= limit or rows == 1) and buffer + vocab_size * bytes_per_logit > limit
+    assert contract.chunk_rows(7, vocab_size, bytes_per_logit, weight) == 7
