@@ -15,6 +15,7 @@ import torch
 IGNORE_INDEX = -100
 QA_FIELDS = ("question", "answer")
 JSON_HINT = "Is it valid JSON or JSON Lines (one object per line)?"
+NO_FIELDS = "no record has a field (every object is {})"
 
 
 def load_records(source: str, config: str | None = None, split: str = "train"):
@@ -89,14 +90,15 @@ def _json_problem(path: Path) -> str | None:
         return f"the top level is {json.dumps(records)[:40]}, not a list of objects"
     if not records:
         return "no records (an empty list)"
-    for number, record in enumerate(records, 1):
+    for index, record in enumerate(records):  # counted from 0, as record errors after loading are
         if not isinstance(record, dict):
-            return f"record {number} is {json.dumps(record)[:40]}, not an object"
-    return None
+            return f"record {index} is {json.dumps(record)[:40]}, not an object"
+    return None if any(records) else NO_FIELDS
 
 
 def _json_lines_problem(text: str) -> str | None:
     """The first line of a JSON Lines text that is not a JSON object (split on newlines only, as JSON Lines is)."""
+    any_field = False
     for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
@@ -105,12 +107,15 @@ def _json_lines_problem(text: str) -> str | None:
                 return f"invalid JSON: {error.msg}: line {number} column {error.colno}"
             if not isinstance(record, dict):
                 return f"line {number} is {json.dumps(record)[:40]}, not an object"
-    return None
+            any_field = any_field or bool(record)
+    return None if any_field else NO_FIELDS
 
 
-def check_fields(records, fields: Iterable[str], where: str = "dataset") -> None:
-    """Every record has every field as a string: a ``ValueError`` names ``where`` (the file or split), the record's
-    index and the field, and says what was found (``datasets`` reads a missing field as null)."""
+def check_fields(records, fields: Iterable[str], where: str = "dataset",
+                 blank_ok: Iterable[str] = ("question",)) -> None:
+    """Every record has every field as a string, not blank unless the field is in ``blank_ok`` (a blank answer
+    would train on the end-of-sequence token alone): a ``ValueError`` names ``where`` (the file or split), the
+    record's index (from 0) and the field, and says what was found (``datasets`` reads a missing field as null)."""
     if len(records) == 0:
         raise ValueError(f"{where} is empty")
     columns = getattr(records, "column_names", None)
@@ -129,6 +134,8 @@ def check_fields(records, fields: Iterable[str], where: str = "dataset") -> None
                 raise ValueError(f"{where} record {index}: {field!r} is missing or null; it must be a string")
             if not isinstance(value, str):
                 raise ValueError(f"{where} record {index}: {field!r} must be a string, got {_describe(value)}")
+            if not value.strip() and field not in blank_ok:
+                raise ValueError(f"{where} record {index}: {field!r} is blank ({value!r})")
 
 
 _MISSING = object()
@@ -136,7 +143,7 @@ _MISSING = object()
 
 def _describe(value) -> str:
     """A found value for an error message: its JSON type and the start of its JSON text."""
-    kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+    kind = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",
             tuple: "a list", dict: "an object"}.get(type(value), type(value).__name__)
     return f"{kind} {json.dumps(value, default=str)[:40]}"
 

@@ -99,7 +99,9 @@ ROWS = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(1, 5)]
     ("latin1.jsonl", json.dumps(ROWS[0]).encode() + b'\n\xff' + json.dumps(ROWS[1]).encode(),
      "not UTF-8 text at line 2 (byte 35: invalid start byte)"),
     ("scalar.json", "42", "the top level is 42, not a list of objects"),
-    ("mixed.json", json.dumps([ROWS[0], "q2"]), 'record 2 is "q2", not an object'),
+    ("mixed.json", json.dumps([ROWS[0], "q2"]), 'record 1 is "q2", not an object'),
+    ("no_fields.json", "[{}, {}]", "no record has a field (every object is {})"),
+    ("no_fields.jsonl", "{}\n{}\n", "no record has a field (every object is {})"),
     ("lists.jsonl", json.dumps(ROWS[0]) + "\n[1, 2]\n", "line 2 is [1, 2], not an object"),
     ("empty.json", "", "the file is empty"),
     ("empty_list.json", "[]", "no records"),
@@ -192,10 +194,22 @@ def test_tokenize_text_refuses_a_non_string_text(bad, index):
         tokenize_text(records, StrictTokenizer(), max_length=4, where="muse")
 
 
+@pytest.mark.parametrize("field, value", [("answer", ""), ("answer", " \n"), ("text", "  ")])
+def test_blank_answers_and_texts_are_refused(field, value):
+    """A blank answer trained on EOS alone; a blank question is allowed (the prompt still has its template)."""
+    records = [{"question": "q", "answer": "a", "text": "a b"}, {"question": "", "answer": "a", "text": "a b"}]
+    records[1][field] = value
+    with pytest.raises(ValueError, match=f"^split record 1: '{field}' is blank"):
+        if field == "text":
+            tokenize_text(records, StrictTokenizer(), max_length=4, where="split")
+        else:
+            tokenize_qa(records, StrictTokenizer(), TEMPLATE, where="split")
+
+
 @pytest.mark.parametrize("records, message", [
     ([{"question": "q", "answer": "a"}, ["q", "a"]], r"forget record 1 is a list \["),
     ([[{"question": "q", "answer": "a"}]], r"forget record 0 is a list \[\{"),
-    ([{"question": "q", "answer": "a"}, "q a"], r"forget record 1 is str"),
+    ([{"question": "q", "answer": "a"}, "q a"], r"forget record 1 is a string \"q a\""),
     ([{"answer": "a"}], r"forget record 0 has no 'question' field \(fields: answer\)"),
 ])
 def test_tokenize_qa_refuses_records_that_are_not_objects(records, message):
@@ -234,7 +248,7 @@ def test_a_list_of_lists_file_is_refused_not_read_as_a_text_column(tmp_path):
     """datasets reads [[{...}]] as one record with a "text" column holding the object: refused before it."""
     path = tmp_path / "nested.json"
     path.write_text(json.dumps([ROWS]))
-    with pytest.raises(ValueError, match=r"record 1 is \[\{.*not an object"):
+    with pytest.raises(ValueError, match=r"record 0 is \[\{.*not an object"):
         load_records(str(path))
 
 
