@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "default's learned model against its gold retain model.")
     _add_data_arguments(evaluate)
     evaluate.add_argument("--tofu-log", type=Path, help="a TOFU *_eval_log_aggregated.json to score instead of a "
-                                                        "model")
-    evaluate.add_argument("--retain-log", type=Path, help="the retain-only model's log, for forget quality")
+                                                        "model (default: none: evaluate the model)")
+    evaluate.add_argument("--retain-log", type=Path, help="the retain-only model's log, for forget quality (default: "
+                                                          "none: no forget quality)")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace an earlier eval.json in --output-dir (refused without it)")
     return parser
@@ -104,7 +105,8 @@ def _add_config_option(group, field) -> None:
 def _add_data_arguments(parser):
     model = parser.add_argument_group("model and data (default: the embedded synthetic set and tiny Llama)")
     model.add_argument("--model", help="model to unlearn or evaluate: Hugging Face hub name or folder, a GGUF file, "
-                                       "or a folder holding one GGUF file")
+                                       "or a folder holding one GGUF file (default: none: the embedded default's "
+                                       "tiny Llama and synthetic data)")
     model.add_argument("--tokenizer", help="tokenizer name, folder or GGUF file (default: --model)")
     model.add_argument("--retain-model", help="model trained without the forget set, for forget quality (default: "
                                               "none: no forget quality; the embedded default has its own)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ceu.cli import main
+from ceu.cli import build_parser, main
 
 TOFU_LOGS = Path(__file__).resolve().parent / "fixtures" / "tofu_legacy"  # TOFU's own logs, trimmed (see README)
 
@@ -59,9 +59,9 @@ def write_jsonl(path, records):
     path.write_text("\n".join(json.dumps(record) for record in records))
 
 
-def tiny_job(tmp_path) -> list[str]:
+def tiny_job(tmp_path, eval_sets: bool = True) -> list[str]:
     """A tiny saved Llama (also the retain model) and 4 forget / 4 retain samples in TOFU's folder layout: the
-    arguments of `ceu unlearn` on them."""
+    arguments of `ceu unlearn` on them (without the perturbed splits, no TOFU evaluation: faster)."""
     pytest.importorskip("transformers")
     from ceu.synthetic import TinyLlama, build_tokenizer, make_world
 
@@ -75,7 +75,8 @@ def tiny_job(tmp_path) -> list[str]:
     for name, records in {"forget10": forget, "retain90": retain, "forget10_perturbed": forget,
                           "retain_perturbed": retain, "real_authors_perturbed": world["real_authors"][:2],
                           "world_facts_perturbed": world["world_facts"][:2]}.items():
-        write_jsonl(data / f"{name}.json", records)
+        if eval_sets or "perturbed" not in name:
+            write_jsonl(data / f"{name}.json", records)
     return ["unlearn", "--model", str(model_dir), "--retain-model", str(model_dir), "--data", str(data), "--lr", "1e-3"]
 
 
@@ -100,7 +101,7 @@ def test_eval_scores_tofu_logs(capsys):
     assert summary["forget_quality"] == pytest.approx(2.194274e-16, rel=1e-5)
 
 
-def test_resume_from_a_checkpoint_on_the_command_line(tmp_path):
+def test_resume_from_a_checkpoint_on_the_command_line(tmp_path, capsys):
     job = [*tiny_job(tmp_path), "--epochs", "2", "--batch-size", "2", "--epsilon", "0", "--lambda-init", "1",
            "--dual-warmup-epochs", "0", "--no-save-model", "--deterministic"]
     checkpoints = tmp_path / "checkpoints"
@@ -112,6 +113,13 @@ def test_resume_from_a_checkpoint_on_the_command_line(tmp_path):
     assert full["steps"] == resumed["steps"] == 4 and len(list(checkpoints.glob("step-*.pt"))) == 4
     assert resumed["final_lambda"] == full["final_lambda"] != 1.0
     assert resumed["unlearned"]["retain_loss"] == full["unlearned"]["retain_loss"]
+    # changed settings are refused before any model loads, each named: the checkpoint holds lr 1e-3, epsilon 0
+    with pytest.raises(SystemExit) as exit_info:
+        main([*job, "--lr", "2e-3", "--epsilon", "0.1", "--output-dir", str(tmp_path / "resumed"), "--resume-from",
+              str(checkpoints / "step-000002.pt")])
+    assert exit_info.value.code == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "lr 0.001 (checkpoint) != 0.002 (now)" in error and "epsilon 0.0 (checkpoint) != 0.1 (now)" in error
 
 
 def free_port() -> int:
@@ -165,3 +173,111 @@ def test_two_launched_processes_match_one_process_with_the_global_batch(tmp_path
     assert max((one_process[name] - learned[name]).abs().max() for name in learned) > 1e-3
     for name, value in one_process.items():
         torch.testing.assert_close(two_ranks[name], value, rtol=1e-4, atol=5e-5)
+
+
+# Issue 12: what `ceu unlearn` refuses before it loads or evaluates anything, each naming the option (or file).
+@pytest.fixture
+def nothing_may_load(monkeypatch):
+    """A refusal must come before the minutes of loading, training and evaluating: building the job fails the test."""
+    monkeypatch.setattr("ceu.cli.Job.__init__", lambda *args: pytest.fail("the job started before the refusal"))
+
+
+def refused(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "x"], "--data: need --model"),
+    (["--forget-split", "forget01", "--retain-split", "retain99"], "--forget-split, --retain-split: need --model"),
+    (["--retain-model", "m", "--tokenizer", "t"], "--tokenizer, --retain-model: need --model"),
+    (["--text"], "--text: need --model"), (["--chat-template"], "--chat-template: need --model"),
+    (["--model", "./no/such/model"], "--model: no such model file or folder: ./no/such/model"),
+    (["--model", "~/no-such-model"], "--model ~/no-such-model: no such file or folder"),
+    (["--model", "tests/no-such-model"], "--model tests/no-such-model: no such file or folder"),
+    (["--model", "tests", "--retain-model", "/no/retain"], "--model: tests has neither a config.json"),
+    (["--epsilon", "0.3", "--epsilon-alpha", "0.1"], "--epsilon and --epsilon-alpha both set the bound"),
+    (["--lr", "nan"], "argument --lr: lr must be finite, got nan"),
+    (["--epochs", "inf"], "argument --epochs: epochs must be finite"),
+    (["--epochs", "0"], "argument --epochs: epochs must be > 0"),
+    (["--lr=-1e-5"], "argument --lr: lr must be >= 0"),
+    (["--epsilon=-0.1"], "argument --epsilon: epsilon must be >= 0"),
+    (["--lambda-init=-inf"], "argument --lambda-init: lambda_init must be finite"),
+    (["--lr-warmup-ratio", "1.5"], r"argument --lr-warmup-ratio: lr_warmup_ratio must be in [0, 1]"),
+    (["--dual-warmup-epochs", "nan"], "argument --dual-warmup-epochs: dual_warmup_epochs must be finite"),
+    (["--forget-weight=-1"], "argument --forget-weight: forget_weight must be >= 0"),
+    (["--batch-size", "0"], "argument --batch-size: batch_size must be >= 1"),
+    (["--checkpoint-every", "2"], "argument --checkpoint-every: checkpoint_every needs a checkpoint_dir"),
+    (["--max-length", "0"], "argument --max-length: must be an integer >= 1, got 0"),
+    (["--max-length=-5"], "argument --max-length: must be an integer >= 1"),
+    (["--threads", "0"], "argument --threads: must be an integer >= 1"),
+    (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1"),
+    (["--overwrite", "--resume-from", "x.pt"], "--overwrite starts afresh and --resume-from continues a run"),
+    (["--resume-from", "{tmp}/none.pt"], "checkpoint {tmp}/none.pt: no such checkpoint file"),
+    (["--resume-from", "{tmp}/empty.pt"], "checkpoint {tmp}/empty.pt is empty"),
+    (["--resume-from", "{tmp}/log.txt"], "checkpoint {tmp}/log.txt is not a checkpoint"),
+    (["--resume-from", "{tmp}"], "is a folder; ceu's loop resumes from a checkpoint file"),
+    (["--trainer", "hf", "--resume-from", "{tmp}/none"], "no such Trainer checkpoint folder"),
+    (["--output-dir", "{tmp}/log.txt"], "--output-dir {tmp}/log.txt is a file, not a folder"),
+    (["--output-dir", "{tmp}/log.txt/sub"], "--output-dir {tmp}/log.txt/sub is not writable"),
+    (["--output-dir", "{tmp}"], "--output-dir {tmp} is not empty (earlier, empty.pt, log.txt): pass --overwrite"),
+    (["--checkpoint-dir", "{tmp}/earlier", "--checkpoint-every", "1", "--output-dir", "{tmp}/new"],
+     "--checkpoint-dir {tmp}/earlier holds an earlier run's checkpoints (step-000002.pt, ...)"),
+])
+def test_invalid_arguments_are_refused_before_anything_loads(tmp_path, capsys, nothing_may_load, argv, message):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "log.txt").write_text("not a checkpoint")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for step in (1, 2):
+        (earlier / f"step-00000{step}.pt").write_bytes(b"checkpoint")
+    argv = [argument.format(tmp=tmp_path) for argument in argv]
+    error = refused(["unlearn", *argv], capsys)
+    assert message.format(tmp=tmp_path) in error, error
+
+
+def test_every_option_says_its_default_in_help(capsys):
+    """Every option that takes a value says its default (flags are off unless given); config options also say the
+    embedded default's own value where it has one."""
+    parser = build_parser()
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.option_strings and action.nargs != 0:
+                assert "default" in action.help, f"ceu {name} {action.option_strings[0]}: {action.help}"
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 10.0; embedded default: 30.0)" in text and "--overwrite" in text
+    assert "(default: locuslab/TOFU)" in text
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_folder_and_overwrite_replaces_it(tmp_path, capsys):
+    """Running twice into one --output-dir: refused without --overwrite (the earlier results and log untouched);
+    with it, the earlier run's files are deleted first, so nothing of it is left to pass for the new run's (here its
+    saved model and the retain model's eval log, which the second run does not write)."""
+    out = tmp_path / "out"
+    job = [*tiny_job(tmp_path, eval_sets=False), "--batch-size", "4", "--epsilon", "10", "--output-dir", str(out)]
+    assert main([*job, "--epochs", "1"]) == 0
+    (out / "eval_log_retain_model.json").write_text("{}")  # as a run with TOFU's eval sets would have left it
+    earlier = {name: (out / name).read_bytes() for name in ("results.json", "log.jsonl")}
+    assert (out / "model" / "config.json").is_file()
+    again = [*job, "--epochs", "2", "--no-save-model"]
+    error = " ".join(refused(again, capsys).split())
+    assert f"--output-dir {out} is not empty (eval_log_retain_model.json, log.jsonl, model, results.json, " \
+           "training.png): pass --overwrite" in error
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
+    assert main([*again, "--overwrite"]) == 0
+    assert "--overwrite: deleting the earlier run's" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "results.json", "training.png"]
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_refuses_to_replace_an_earlier_eval_json(tmp_path, capsys, nothing_may_load):
+    (tmp_path / "eval.json").write_text('{"blocks": {}}')
+    error = refused(["eval", "--output-dir", str(tmp_path)], capsys)
+    assert f"--output-dir {tmp_path} already holds an eval.json: pass --overwrite" in " ".join(error.split())
+    assert (tmp_path / "eval.json").read_text() == '{"blocks": {}}'
