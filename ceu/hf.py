@@ -30,6 +30,7 @@ from ceu.primal_dual import PrimalDual
 from ceu.runlog import log_record, open_log, write_record
 from ceu.schedule import Schedule, decay_parameter_names, training_schedule
 from ceu.train import UnlearnResult, constraint_bound, deterministic_algorithms, uses_bf16
+from ceu.zero3 import gathered_lm_head
 
 PRIMAL_DUAL_FILE = "primal_dual.pt"
 LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -204,8 +205,9 @@ class PrimalDualTrainer(Trainer):
         # Token-means over the global micro-batch, as in ceu.unlearn, however unevenly the ranks' tokens fall.
         token_scales, sample_scale = global_scales(inputs["forget"], inputs["retain"], self.unlearn_config) \
             if model.training and self.unlearn_config.empty_batch == "zero" else (None, None)
-        forget_loss, retain_loss = self.objective.losses(model, inputs["forget"], inputs["retain"], token_scales,
-                                                         sample_scale)
+        with gathered_lm_head(model):  # under ZeRO-3, the head's weight is gathered for the fused losses
+            forget_loss, retain_loss = self.objective.losses(model, inputs["forget"], inputs["retain"], token_scales,
+                                                             sample_scale)
         loss = self.primal_dual.lagrangian(forget_loss, retain_loss)
         if model.training:
             self.primal_dual.observe(retain_loss)

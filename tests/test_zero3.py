@@ -1,0 +1,69 @@
+"""DeepSpeed ZeRO-3 through ``accelerate launch`` (open-unlearning's default launch), two CPU processes over gloo:
+``PrimalDualTrainer`` (``--trainer hf``) and a ``ceu.patch_causal_lm``-patched ``transformers.Trainer`` train as one
+plain process does on the same global batches. ZeRO-3 partitions the LM head outside its module's forward; the fused
+losses read it through :func:`ceu.zero3.gathered_lm_head`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_close, tiny_model
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("deepspeed", reason="deepspeed is not installed: the ZeRO-3 launch cannot run")
+import zero3_script as script  # noqa: E402 (after the skips)
+from test_accelerate_launch import free_port  # noqa: E402
+
+SCRIPT = Path(script.__file__).resolve()
+ROOT = SCRIPT.parent.parent
+DEEPSPEED_CONFIG = {
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    # every parameter partitioned, however small (the default keeps tensors under 1e5 elements whole)
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,  # Trainer's SGD
+}
+
+
+def accelerate_config(tmp_path: Path) -> Path:
+    (tmp_path / "deepspeed.json").write_text(json.dumps(DEEPSPEED_CONFIG))
+    path = tmp_path / "accelerate.yaml"
+    path.write_text("\n".join([
+        "compute_environment: LOCAL_MACHINE", "distributed_type: DEEPSPEED", "deepspeed_config:",
+        f"  deepspeed_config_file: {tmp_path / 'deepspeed.json'}", "  zero3_init_flag: false",
+        "num_machines: 1", "num_processes: 2", "use_cpu: true", "machine_rank: 0",
+        "rdzv_backend: static", "same_network: true", ""]))
+    return path
+
+
+def test_zero3_launch_trains_as_one_plain_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(tmp_path)),
+               "--main_process_port", str(free_port()), str(SCRIPT), str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    result = torch.load(tmp_path / "zero3.pt")
+    assert (result["world_size"], result["engine"], result["head_numel"]) == (2, "DeepSpeedEngine", [0, 0])
+
+    # one plain process, the whole data set per step: what the two ZeRO-3 ranks must reproduce
+    pdu = script.pdu_trainer(script.arguments(tmp_path / "plain_pdu", script.SAMPLES,
+                                              num_train_epochs=script.STEPS), tiny_model("gpt2"))
+    pdu.train()
+    assert result["pdu_lambda"] == pytest.approx(pdu.primal_dual.lam.item(), rel=1e-5)
+    assert result["pdu_lambda"] != script.PDU["lambda_init"]
+    assert_close("pdu retain losses", torch.tensor(result["pdu_retain_losses"]),
+                 torch.tensor(script.losses(pdu, "retain_loss")), torch.float32)
+    weights = torch.cat([p.detach().flatten() for p in pdu.model.parameters()])
+    assert not torch.equal(weights, torch.cat([p.detach().flatten() for p in tiny_model("gpt2").parameters()]))
+    assert_close("pdu weights", result["pdu_weights"], weights, torch.float32)
+
+    phi = tiny_model("phi")
+    sft = script.sft_trainer(script.arguments(tmp_path / "plain_sft", script.SAMPLES, max_steps=script.STEPS), phi)
+    sft.train()
+    assert_close("sft losses", torch.tensor(result["sft_losses"]), torch.tensor(script.losses(sft, "loss")),
+                 torch.float32)
+    assert_close("sft weights", result["sft_weights"], torch.cat([p.detach().flatten() for p in phi.parameters()]),
+                 torch.float32)

@@ -1,0 +1,76 @@
+"""Runs under ``accelerate launch`` with a DeepSpeed ZeRO-3 config (``tests/test_zero3.py``), as open-unlearning
+launches: ``PrimalDualTrainer`` on a tiny GPT-2 (LM head tied to the input embeddings), then ``transformers.Trainer``
+on a tiny Phi (a head with a bias) patched by ``ceu.patch_causal_lm``, each for ``STEPS`` optimizer steps of SGD with
+the whole data set split over the ranks. Usage: ``zero3_script.py OUTDIR``.
+
+Rank 0 saves ``OUTDIR/zero3.pt``: for each run the final weights (gathered) as one flat vector and the logged losses;
+for the PDU run λ; and the LM-head weight's size outside the forward (0: ZeRO-3 partitioned it).
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+from helpers import qa_samples, tiny_model  # tests/ is sys.path[0] when this file runs as a script
+
+import ceu
+from ceu.config import UnlearnConfig
+from ceu.data import pad_batch
+from ceu.hf import ForgetRetainCollator, ForgetRetainDataset, PrimalDualTrainer
+
+SAMPLES, STEPS, LR = 4, 2, 1e-2
+PDU = dict(lr_schedule="constant", lambda_init=1.0, dual_lr=2.0, epsilon=1.0, dual_warmup_epochs=0)
+
+
+def arguments(out_dir: Path, batch_size: int, **extra) -> transformers.TrainingArguments:
+    return transformers.TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=batch_size,
+                                          learning_rate=LR, optim="sgd",
+                                          lr_scheduler_type="constant_with_warmup", report_to=[], save_strategy="no",
+                                          logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, **extra)
+
+
+def pdu_trainer(args, model) -> PrimalDualTrainer:
+    return PrimalDualTrainer(model=model, args=args, unlearn_config=UnlearnConfig(**PDU),
+                             train_dataset=ForgetRetainDataset(qa_samples(SAMPLES), qa_samples(SAMPLES, seed=1)),
+                             data_collator=ForgetRetainCollator(0))
+
+
+def sft_trainer(args, model) -> transformers.Trainer:
+    return transformers.Trainer(model=model, args=args, train_dataset=qa_samples(SAMPLES),
+                                data_collator=lambda items: pad_batch(items, 0))
+
+
+def losses(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def flat_weights(model) -> torch.Tensor:
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        return torch.cat([p.detach().flatten().clone() for p in params])
+
+
+def main(out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    batch_size = SAMPLES // int(os.environ["WORLD_SIZE"])  # the whole data set in each optimizer step
+    pdu = pdu_trainer(arguments(out_dir / "pdu", batch_size, num_train_epochs=STEPS), tiny_model("gpt2"))
+    pdu.train()
+    phi = tiny_model("phi")
+    sft = sft_trainer(arguments(out_dir / "sft", batch_size, max_steps=STEPS), phi)
+    with ceu.patch_causal_lm(phi, impl="torch"):
+        sft.train()
+    result = {"world_size": dist.get_world_size(), "engine": type(pdu.model_wrapped).__name__,
+              "head_numel": [pdu.model.lm_head.weight.numel(), phi.lm_head.weight.numel()],
+              "pdu_weights": flat_weights(pdu.model), "pdu_lambda": pdu.primal_dual.lam.item(),
+              "pdu_retain_losses": losses(pdu, "retain_loss"), "sft_weights": flat_weights(phi),
+              "sft_losses": losses(sft, "loss")}
+    if dist.get_rank() == 0:
+        torch.save(result, out_dir / "zero3.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
