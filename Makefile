@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP_PACKAGES := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest hypothesis transformers==5.23.0 accelerate==1.15.0 datasets==5.2.0 rouge-score==0.1.2 scipy==1.17.1 matplotlib==3.11.2 peft==0.21.2 pytest-benchmark==5.3.1 cut-cross-entropy==25.1.1
+PIP_PACKAGES := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest hypothesis transformers==5.23.0 accelerate==1.15.0 datasets==5.2.0 rouge-score==0.1.2 scipy==1.17.1 matplotlib==3.11.2 peft==0.21.2 pytest-benchmark==5.3.1 cut-cross-entropy==25.1.1 trl==1.16.0 pytorch-lightning==2.6.6 deepspeed==0.19.8
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
