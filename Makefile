@@ -31,7 +31,7 @@ gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check
 
 demo: venv
-	$(PY) -m ceu
+	$(PY) -m ceu --overwrite
 
 # After `make demo`: keep runs/unlearn/results.json as tests/fixtures/demo_results.json and rewrite the README's
 # generated blocks (demo table and headline, TOFU-log figures); a test checks the README against that file.
