@@ -110,7 +110,11 @@ def check_log(log, where: str = "the evaluation log") -> None:
         if missing:
             raise ValueError(f"{where}: eval set {name!r} has no per-sample list {missing[0]!r} "
                              f"(fields: {', '.join(log_set)})")
-        counts = {field: len(log_set[field]) for field in LOG_FIELDS}
+        questions = log_set.get("question")
+        if questions is not None and not (isinstance(questions, list) and all(isinstance(q, str) for q in questions)):
+            raise ValueError(f"{where}: eval set {name!r} has a 'question' field that is not a list of strings")
+        fields = LOG_FIELDS if questions is None else (*LOG_FIELDS, "question")
+        counts = {field: len(log_set[field]) for field in fields}
         if len(set(counts.values())) != 1 or not counts["avg_gt_loss"]:
             described = ", ".join(f"{field} {count}" for field, count in counts.items())
             problem = "no sample" if not any(counts.values()) else "fields of different lengths"

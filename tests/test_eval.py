@@ -202,6 +202,9 @@ def two_set_log(forget_count=3, retain_count=2, **forget_changes):
      "sample 1: average_perturb_loss must be a non-empty list of numbers, got 2.0"),
     (two_set_log(average_perturb_loss=[[1.0], [[2.0]], [1.0]]),
      "sample 1: average_perturb_loss must be a non-empty list of numbers, got \\[\\[2.0\\]\\]"),
+    (two_set_log(question=["a", "b"]), "eval set 'forget10' has fields of different lengths .*question 2\\)"),
+    (two_set_log(question=[]), "eval set 'forget10' has fields of different lengths .*question 0\\)"),
+    (two_set_log(question=5), "eval set 'forget10' has a 'question' field that is not a list of strings"),
     ({"forget10": two_set_log()["forget10"]},
      "has only forget sets \\(forget10\\): model utility needs a retain or held"),
 ])
