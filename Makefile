@@ -38,3 +38,12 @@ demo: venv
 .PHONY: readme-results
 readme-results: venv
 	$(PY) -m tools.readme_results --record runs/unlearn/results.json
+
+# PDU against GradAscent, GradDiff, NPO and SimNPO on the embedded benchmark (forget10, seeds 0 1 2): the table and
+# plot in benchmarks/out/unlearning/; `make compare-all` runs forget01/05/10. Keep a run for the README with
+# `python -m benchmarks.unlearning --record benchmarks/out/unlearning/results.json`.
+.PHONY: compare compare-all
+compare: venv
+	$(PY) -m benchmarks unlearning
+compare-all: venv
+	$(PY) -m benchmarks unlearning --splits forget01 forget05 forget10

@@ -5,18 +5,19 @@ same data, optimizer, LR schedule, batch size and number of epochs (the embedded
 is scored by the same evaluation: TOFU's forget quality and model utility (:mod:`ceu.eval`, against the retain-only
 gold model), the forget answer probability and ROUGE-L, the retain loss against ε, a loss-based membership-inference
 AUC of the forget set against a holdout set of new fictitious authors (:mod:`ceu.membership`) and the unlearning wall
-time. Each method keeps its own hyperparameters: its paper's / open-unlearning's defaults (see :mod:`ceu.methods`), PDU
-the embedded settings. Seeds change the data order and dropout; the table gives mean ± std (sample std) over them.
+time. Each method keeps its own hyperparameters: its paper's / open-unlearning's defaults (see :mod:`ceu.methods`),
+PDU the embedded settings. Seeds change the data order and dropout; the table gives mean ± std (sample std) over them.
 
     python -m benchmarks unlearning                              # forget10, seeds 0 1 2 (the README table)
     python -m benchmarks unlearning --splits forget01 forget05 forget10   # the full sweep
     python -m benchmarks unlearning --splits forget01 --seeds 0 --epochs 5  # a quick development run
     python -m benchmarks unlearning --dry-run                    # tiny stage one in a temporary cache, every path
+    python -m benchmarks unlearning --sweep --seeds 0            # PDU alone over SWEEP: how its settings were chosen
     python -m benchmarks.unlearning --record benchmarks/out/unlearning/results.json   # keep a run, rewrite README
 
 Writes ``results.json`` (every run's numbers and the configs), ``table.md`` and ``fq_vs_mu.png`` under ``--out``, and
-prints the table. ``--record`` keeps a run as ``benchmarks/unlearning_results.json`` (with its provenance) and the plot
-as ``benchmarks/plots/unlearning_fq_vs_mu.png``, and rewrites the README's ``unlearning-comparison`` block from it;
+prints the table. ``--record`` keeps a run as ``benchmarks/unlearning_results.json`` (with its provenance) and the
+plot as ``benchmarks/plots/unlearning_fq_vs_mu.png``, and rewrites the README's ``unlearning-comparison`` block from it;
 ``tests/test_unlearning_bench.py`` checks the README against that file.
 
 The gold model of every split is stage one's retain90 model (it has seen no author of forget01/05/10, all of which
@@ -44,6 +45,10 @@ SEEDS = (0, 1, 2)
 # this fraction of the learned model's, and the retain loss within ε at the end.
 GOAL_FORGET_QUALITY, GOAL_UTILITY_RATIO = 0.05, 0.95
 BLOCK = "unlearning-comparison"
+# The sweep PDU's embedded settings come from (`--sweep`: seed 0, forget10): the embedded default and one change at a
+# time of its bound, forget weight, dual step, initial λ, LR and epochs.
+SWEEP = ({}, {"epsilon": 0.005}, {"epsilon": 0.05}, {"forget_weight": 0.3}, {"dual_lr": 5.0}, {"lambda_init": 300.0},
+         {"lr": 1e-4}, {"lr": 5e-5}, {"epochs": 10.0}, {"epochs": 15.0})
 METRICS = [  # (key, column, format of one value)
     ("forget_quality", "forget quality", "{:.2g}"),
     ("utility_ratio", "model utility / learned", "{:.3f}"),
@@ -110,13 +115,32 @@ def training_settings(epochs: float | None = None) -> dict:
     return settings if epochs is None else {**settings, "epochs": float(epochs)}
 
 
-def method_settings(method: str) -> dict:
-    """A method's own settings on the embedded benchmark: PDU's embedded λ₀, η_λ, ε and dual warm-up; the others their
-    defaults (:data:`ceu.methods.DEFAULTS`). ε is PDU's for every method, as the bound the table reports against."""
+def method_settings(method: str, pdu_overrides: dict | None = None) -> dict:
+    """A method's own settings on the embedded benchmark: PDU's embedded λ₀, η_λ, ε and dual warm-up (with
+    ``pdu_overrides``, the sweep's); the others their defaults (:data:`ceu.methods.DEFAULTS`). ε is PDU's for every
+    method, as the bound the table reports against."""
     from ceu.cli import EMBEDDED
 
     pdu = {name: EMBEDDED[name] for name in ("lambda_init", "dual_lr", "epsilon", "dual_warmup_epochs")}
+    pdu.update(pdu_overrides or {})
     return pdu if method == "pdu" else {"method": method, "epsilon": pdu["epsilon"]}
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["epsilon=0.05", "dual_lr=5"]`` as UnlearnConfig values (numbers where they parse, else strings)."""
+    from ceu.config import UnlearnConfig
+
+    known = {spec.name for spec in dataclasses.fields(UnlearnConfig)}
+    overrides = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in known or not value:
+            raise ValueError(f"--pdu takes FIELD=VALUE with an UnlearnConfig field, got {item!r}")
+        try:
+            overrides[name] = float(value)
+        except ValueError:
+            overrides[name] = value
+    return overrides
 
 
 class Bench:
@@ -156,13 +180,13 @@ class Bench:
         block["utility_ratio"] = block["model_utility"] / self.learned_utility
         return block
 
-    def run(self, method: str, seed: int, epochs: float | None, log_dir: Path) -> dict:
+    def run(self, method: str, seed: int, epochs: float | None, log_dir: Path, pdu_overrides: dict) -> dict:
         from ceu.config import UnlearnConfig
         from ceu.eval import evaluate_model
         from ceu.heads import dataset_loss
         from ceu.train import unlearn
 
-        settings = {**training_settings(epochs), **method_settings(method)}
+        settings = {**training_settings(epochs), **method_settings(method, pdu_overrides)}
         config = UnlearnConfig(**settings, seed=seed, impl="torch", progress=False,
                                log_path=str(log_dir / f"{self.split}-{method}-seed{seed}.jsonl"))
         model = self.stage.load("learned")
@@ -172,9 +196,11 @@ class Bench:
         log = evaluate_model(model, self.tokenizer, self.eval_sets, self.template, impl="torch")
         retain_loss = dataset_loss(model, self.retain_samples, self.tokenizer.pad_token_id, impl="torch")
         block = self.score(model, log, retain_loss)
+        label = method if method != "pdu" or not pdu_overrides else \
+            "pdu " + ", ".join(f"{name}={value:g}" for name, value in pdu_overrides.items())
         return {**block, "epsilon": result.epsilon, "within_epsilon": retain_loss <= result.epsilon,
                 "final_lambda": result.final_lambda, "steps": result.steps, "wall_time_s": wall_time,
-                "method": method, "seed": seed, "split": self.split,
+                "method": label, "seed": seed, "split": self.split,
                 "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "log_path"}}
 
 
@@ -219,7 +245,8 @@ def render_table(results: dict) -> str:
                   "|---|" + "---:|" * (len(METRICS) + 1)]
         for method, row in rows.items():
             cells = [_mean_std(row[key], fmt) for key, _, fmt in METRICS]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['within_epsilon']}/{row['forget_quality'][2]} |")
+            within = f"{row['within_epsilon']}/{row['forget_quality'][2]}"
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {within} |")
         for name, block in results["reference"][split].items():
             cells = [fmt.format(block[key]) if key in block else "—" for key, _, fmt in METRICS]
             lines.append(f"| *{name}* | " + " | ".join(cells) + " | |")
@@ -282,16 +309,18 @@ def run(args) -> dict:
         stage = stage_one(Path(temporary), epochs=2, progress=False) if args.dry_run else stage_one(progress=False)
         results = {"command": " ".join(["python -m benchmarks unlearning", *args.argv]), "splits": args.splits,
                    "methods": args.methods, "seeds": args.seeds, "training": training_settings(args.epochs),
-                   "method_settings": {method: method_settings(method) for method in args.methods},
+                   "method_settings": {method: method_settings(method, args.pdu) for method in args.methods},
                    "runs": [], "reference": {}}
         start = time.perf_counter()
         for split in args.splits:
             bench = Bench(stage, split, eval_limit=8 if args.dry_run else None)
             results["reference"][split] = bench.reference
-            for method in args.methods:
+            plan = [("pdu", overrides) for overrides in SWEEP] if args.sweep else \
+                [(method, args.pdu) for method in args.methods]
+            for method, overrides in plan:
                 for seed in args.seeds:
-                    run = bench.run(method, seed, args.epochs, args.out)
-                    print(f"{split} {method} seed {seed}: forget quality {run['forget_quality']:.3g}, utility "
+                    run = bench.run(method, seed, args.epochs, args.out, overrides)
+                    print(f"{split} {run['method']} seed {seed}: forget quality {run['forget_quality']:.3g}, utility "
                           f"{run['utility_ratio']:.3f} of learned, retain loss {run['retain_loss']:.4f} "
                           f"(ε {run['epsilon']:g}), MIA AUC {run['mia_auc']:.3f}, {run['wall_time_s']:.0f} s")
                     results["runs"].append(run)
@@ -339,6 +368,10 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--epochs", type=float, help="override the shared number of epochs (development runs)")
+    parser.add_argument("--pdu", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="override PDU's embedded settings (the sweep), e.g. --pdu epsilon=0.05 dual_lr=5")
+    parser.add_argument("--sweep", action="store_true",
+                        help="PDU alone, over the documented grid SWEEP (how its embedded settings were chosen)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the demo)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "unlearning")
     parser.add_argument("--dry-run", action="store_true",
@@ -350,7 +383,7 @@ def main(argv=None) -> int:
     if args.record is not None:
         record_run(args.record, args.note)
         return 0
-    args.argv = argv
+    args.argv, args.pdu = argv, parse_overrides(args.pdu)
     run(args)
     return 0
 

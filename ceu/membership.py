@@ -5,7 +5,7 @@ memorisation.
   sample's score is its mean answer-token NLL, and the AUC is that of telling forget samples from holdout samples
   (never trained on) by it, with open-unlearning's orientation: 1 when the forget samples are far more likely than the
   holdout ones (remembered), 0.5 when indistinguishable (the retain-only model's ideal), below 0.5 when the forget
-  samples have become *less* likely than unseen ones (over-unlearning, which is itself a membership signal). Exact: the
+  samples have become *less* likely than unseen ones (over-unlearning, itself a membership signal). Exact: the
   Mann-Whitney U statistic with ties counted one half.
 - :func:`verbatim_rouge`: MUSE's VerbMem: the model continues the first ``prefix_tokens`` tokens of a forget text
   greedily, and the continuation is scored by ROUGE-L F1 against the text's true next ``max_new_tokens`` tokens
@@ -24,7 +24,8 @@ def mia_auc(forget_scores, holdout_scores) -> float:
     attack that calls low-loss samples members (Mann-Whitney U from mid-ranks, so ties count one half)."""
     forget, holdout = np.asarray(forget_scores, dtype=np.float64), np.asarray(holdout_scores, dtype=np.float64)
     if forget.ndim != 1 or holdout.ndim != 1 or not forget.size or not holdout.size:
-        raise ValueError(f"need non-empty 1-d forget and holdout scores, got shapes {forget.shape} and {holdout.shape}")
+        raise ValueError(f"need non-empty 1-d forget and holdout scores, got shapes {forget.shape} and "
+                         f"{holdout.shape}")
     if not (np.isfinite(forget).all() and np.isfinite(holdout).all()):
         raise ValueError("forget and holdout scores must be finite")
     from scipy.stats import rankdata

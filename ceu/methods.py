@@ -130,11 +130,13 @@ class _LinearKL(torch.autograd.Function):
 
 def linear_kl_divergence(hidden, weight, bias, ref_hidden, ref_weight, ref_bias=None) -> torch.Tensor:
     """Per-token ``KL(p₀ ‖ p)`` ``[N]`` (float32; float64 for float64 inputs) between the softmax of a frozen head
-    ``(ref_hidden [N, H₀], ref_weight [V, H₀], ref_bias)`` and of a trained one ``(hidden [N, H], weight [V, H], bias)``:
+    ``(ref_hidden [N, H₀], ref_weight [V, H₀], ref_bias)`` and of a trained one
+    ``(hidden [N, H], weight [V, H], bias)``:
     open-unlearning's KL retain loss, computed a chunk of tokens at a time so no ``[N, V]`` logits are kept."""
     if hidden.shape[0] != ref_hidden.shape[0] or weight.shape[0] != ref_weight.shape[0]:
         raise ValueError(f"hidden {tuple(hidden.shape)} / ref_hidden {tuple(ref_hidden.shape)} need the same tokens "
-                         f"and weight {tuple(weight.shape)} / ref_weight {tuple(ref_weight.shape)} the same vocabulary")
+                         f"and weight {tuple(weight.shape)} / ref_weight {tuple(ref_weight.shape)} the same "
+                         "vocabulary")
     chunk = max(1, KL_CHUNK_BYTES // (8 * weight.shape[0]))
     return _LinearKL.apply(hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
                            None if ref_bias is None else ref_bias.detach(), chunk)
@@ -176,7 +178,8 @@ class Objective:
         """PDU's dual variable; for the other methods λ = α, fixed (dual step 0, no warm-up)."""
         config = self.config
         if config.method != "pdu":
-            return PrimalDual(self.settings["retain_weight"], 0.0, epsilon, forget_weight=self.settings["forget_weight"])
+            return PrimalDual(self.settings["retain_weight"], 0.0, epsilon,
+                              forget_weight=self.settings["forget_weight"])
         # Per epoch, the loop observes only the whole-set retain loss, just before the epoch's last dual step, whose
         # counter then stands one short of the epoch's end: hold one step less.
         warmup = max(warmup_steps - 1, 0) if config.dual_update_per_epoch else warmup_steps
@@ -207,7 +210,8 @@ class Objective:
             return -_reduce(nll.sum(), lengths.sum(), None if token_scales is None else token_scales[0]), retain_loss
         beta = self.settings["beta"]
         if method == "npo":
-            margin = beta * (nll - self.forget_reference(forget).to(nll.device, nll.dtype))  # −β·(log p_θ − log p_ref)
+            # −β·(log p_θ − log p_ref)
+            margin = beta * (nll - self.forget_reference(forget).to(nll.device, nll.dtype))
         else:
             margin = beta * (nll / lengths.clamp_min(1) - self.settings["delta"])
         per_sample = -(2.0 / beta) * F.logsigmoid(margin)

@@ -121,7 +121,7 @@ def test_losses_and_gradients_match_eager_float64(method, options):
 
 
 def test_npo_starts_at_its_fixed_point_and_padding_changes_nothing():
-    """At the starting model NPO's margin is 0 for every sample: loss (2/β)·log 2 whatever the padding of the batch."""
+    """At the starting model NPO's margin is 0 for every sample: loss (2/β)·log 2 however the batch is padded."""
     forget_data, retain_data = ragged_samples(4, seed=4), ragged_samples(2, seed=5)
     model = float64_model()
     objective = Objective(model, forget_data, UnlearnConfig(impl="torch", method="npo", beta=0.5))
@@ -141,7 +141,8 @@ def test_scales_give_sums_for_global_means():
         mean_forget, mean_retain = objective.losses(model, forget, retain)
         forget_tokens = sum(int(sum(label != IGNORE_INDEX for label in s["labels"][1:])) for s in forget_data)
         retain_tokens = sum(int(sum(label != IGNORE_INDEX for label in s["labels"][1:])) for s in retain_data)
-        scaled_forget, scaled_retain = objective.losses(model, forget, retain, (2.0 / forget_tokens, 2.0 / retain_tokens),
+        scaled_forget, scaled_retain = objective.losses(model, forget, retain,
+                                                        (2.0 / forget_tokens, 2.0 / retain_tokens),
                                                         2.0 / len(forget_data))
         assert_close(f"{method} forget", scaled_forget, 2 * mean_forget, torch.float64)
         assert_close(f"{method} retain", scaled_retain, 2 * mean_retain, torch.float64)
