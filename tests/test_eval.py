@@ -369,3 +369,27 @@ def test_load_tofu_log_names_the_file_and_the_problem(tmp_path, content, message
     path.write_text(content)
     with pytest.raises(ValueError, match=f"^{path}:? .*{message}"):
         load_tofu_log(path)
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(0, 5) | st.text(max_size=2),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner,
+                                                                                       max_size=2), max_leaves=5)
+LOG_SETS = st.fixed_dictionaries(
+    {"role": st.sampled_from(["forget", "retain", "held", "other"])},
+    optional={field: st.lists(st.floats(0, 5) | st.lists(st.floats(0, 5), max_size=2) | JSON_VALUES, max_size=3)
+              for field in ("avg_gt_loss", "avg_paraphrased_loss", "average_perturb_loss", "rougeL_recall",
+                            "question")})
+
+
+@settings(max_examples=100, deadline=None)
+@given(log=st.dictionaries(st.sampled_from(["forget10", "retain", "held"]), LOG_SETS | JSON_VALUES, max_size=3)
+       | JSON_VALUES, other=st.dictionaries(st.sampled_from(["forget10", "retain"]), LOG_SETS, max_size=2))
+def test_any_log_is_scored_finite_or_refused_with_a_value_error(log, other):
+    """Property: whatever the logs hold, summarize refuses them with a ValueError (never a TypeError, KeyError or
+    IndexError from a malformed log), or scores them with a finite utility and a p-value (never a NaN from an empty
+    set; the losses drawn are finite)."""
+    try:
+        summary = summarize(log, other)
+    except ValueError:
+        return
+    assert math.isfinite(summary["model_utility"]) and 0 <= summary["forget_quality"] <= 1
