@@ -109,10 +109,10 @@ WHY = {"max_grad_norm": " (a negative norm would turn clipping into gradient asc
        "forget_weight": " (a negative weight would train on the forget set)",
        "lambda_init": " (lambda weighs the retain loss; the dual step keeps it >= 0)"}
 # Fields a resumed run may set differently from the run that wrote the checkpoint (where to log and checkpoint, how
-# often, the progress bar, the backend and determinism switches): the others change what the run computes, and
-# ceu.checkpoint refuses a resume that changes them.
+# often, the progress bar, the backend, determinism and activation-recomputation switches): the others change what
+# the run computes, and ceu.checkpoint refuses a resume that changes them.
 CHANGEABLE_ON_RESUME = ("log_path", "log_every", "progress", "checkpoint_dir", "checkpoint_every", "resume_from",
-                        "impl", "deterministic")
+                        "impl", "deterministic", "gradient_checkpointing")
 
 
 class ConfigError(ValueError):
