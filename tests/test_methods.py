@@ -220,3 +220,40 @@ def test_npo_and_kl_refuse_resume():
     for settings in (dict(method="npo"), dict(method="graddiff", retain_loss="kl")):
         with pytest.raises(ValueError, match="resume_from"):
             Objective(model, ragged_samples(2, seed=9), UnlearnConfig(resume_from="x.pt", **settings))
+
+
+def test_per_epoch_dual_update_moves_lambda_only_at_epoch_ends(tmp_path):
+    """dual_update_per_epoch: λ is constant within an epoch and moves at its end by η·(whole-set retain loss − ε),
+    first at the end of epoch dual_warmup_epochs (6 forget samples, batch 2: 3 steps per epoch)."""
+    import json
+
+    from ceu.train import unlearn
+    from helpers import qa_samples
+
+    log = tmp_path / "log.jsonl"
+    config = UnlearnConfig(epochs=3, batch_size=2, lr=1e-3, lambda_init=1000.0, dual_lr=1.0, epsilon=50.0,
+                           dual_warmup_epochs=1, dual_update_per_epoch=True, progress=False, log_path=str(log),
+                           impl="torch")
+    result = unlearn(tiny_model(), qa_samples(6), qa_samples(5, seed=1), config)
+    lambdas = [json.loads(line)["lambda"] for line in log.read_text().splitlines()]
+    assert len(lambdas) == 9
+    for epoch in range(3):
+        assert lambdas[3 * epoch] == lambdas[3 * epoch + 1] == (1000.0 if epoch == 0 else lambdas[3 * epoch - 1])
+        step = lambdas[3 * epoch + 2] - lambdas[3 * epoch + 1]
+        assert -50.0 < step < -40.0  # η·(L − ε) with a retain cross-entropy L of a few nats
+    assert result.final_lambda == lambdas[-1]
+
+
+def test_trainer_runs_the_methods_and_refuses_the_per_epoch_update(tmp_path):
+    from ceu.hf import unlearn_with_trainer
+    from helpers import qa_samples
+
+    forget, retain = qa_samples(4), qa_samples(4, seed=1)
+    for method in ("npo", "simnpo"):
+        config = UnlearnConfig(method=method, epochs=1, batch_size=2, lr=1e-3, progress=False, impl="torch",
+                               mixed_precision="no")
+        result = unlearn_with_trainer(tiny_model(), forget, retain, config, output_dir=tmp_path / method)
+        assert result.steps == 2 and result.final_lambda == 1.0  # λ = α, fixed
+    with pytest.raises(ValueError, match="dual_update_per_epoch runs in ceu.unlearn's loop only"):
+        unlearn_with_trainer(tiny_model(), forget, retain, UnlearnConfig(dual_update_per_epoch=True, progress=False),
+                             output_dir=tmp_path / "pdu")
