@@ -159,6 +159,7 @@ class PrimalDualTrainer(Trainer):
                              "(num_train_epochs), as ceu.unlearn's is")
         args.ddp_find_unused_parameters = False
         super().__init__(model, args, *rest, **kwargs)
+        check_fsdp_plugin(self.accelerator)
         self.unlearn_config = config
         if config.dual_update_per_epoch:
             raise ValueError("dual_update_per_epoch runs in ceu.unlearn's loop only, not under PrimalDualTrainer")
@@ -244,6 +245,17 @@ class PrimalDualTrainer(Trainer):
                                         "PrimalDualTrainer, so λ cannot be restored")
             self.primal_dual.load_state_dict(torch.load(path, map_location="cpu"))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def check_fsdp_plugin(accelerator) -> None:
+    """Refuses accelerate's FSDP plugin with ``fsdp_version: 1``. The fused losses read the LM head's weight outside
+    its forward: FSDP2 shards the head with the root module, whose parameters stay gathered from the forward to the
+    backward (the layout the ``--parallel fsdp`` tests cover), while FSDP1's flat parameters are untested here."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and plugin.fsdp_version == 1:
+        raise ValueError("accelerate's FSDP plugin with fsdp_version 1 is not supported by PrimalDualTrainer (the "
+                         "fused losses read the LM head's weight outside its forward): set fsdp_version: 2, or use "
+                         "DDP or DeepSpeed ZeRO-3")
 
 
 def training_arguments(config: UnlearnConfig, output_dir: str | Path, **overrides) -> TrainingArguments:

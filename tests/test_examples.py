@@ -122,3 +122,15 @@ def test_lightning_example():
     trainer.fit(PDUModule(model, dual, lr=LR), loader)
     assert trainer.global_step == STEPS
     check(model, lambdas)
+
+
+def test_readme_quotes_the_examples_verbatim():
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme.split("### Use the fused losses in your own trainer", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```python\n")[2:]  # the first block is the patch, not an example
+    examples = [path.read_text() for path in sorted((root / "examples").glob("*.py"))]
+    assert len(blocks) == 3
+    for block in blocks:
+        code = block.split("```", 1)[0]
+        assert any(code in example for example in examples), f"README block not in examples/:\n{code}"

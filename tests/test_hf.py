@@ -140,3 +140,19 @@ def test_trainer_run_refuses_empty_data_and_samples_without_answer_tokens(tmp_pa
     truncated[1] = {"input_ids": truncated[1]["input_ids"][:4], "labels": truncated[1]["labels"][:4]}
     with pytest.raises(ValueError, match=r"forget samples \[1\] have no answer token"):
         unlearn_with_trainer(tiny_model(), truncated, qa_samples(2), config, output_dir=tmp_path)
+
+
+def test_fsdp_plugin_version_1_is_refused_and_version_2_accepted():
+    # accelerate applies its FSDP plugin only on GPUs (a CPU launch runs DDP), so the check is tested on its input
+    from types import SimpleNamespace
+
+    from ceu.hf import check_fsdp_plugin
+
+    def accelerator(version):
+        plugin = None if version is None else SimpleNamespace(fsdp_version=version)
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+
+    with pytest.raises(ValueError, match="fsdp_version 1 is not supported"):
+        check_fsdp_plugin(accelerator(1))
+    check_fsdp_plugin(accelerator(2))
+    check_fsdp_plugin(accelerator(None))
