@@ -75,7 +75,8 @@ def read_checkpoint(path: str | os.PathLike, config: UnlearnConfig, mmap: bool =
                          f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} is not a ceu.unlearn checkpoint (those are the step-NNNNNN.pt files "
-                         "that checkpoint_every writes)")
+                         "that checkpoint_every writes; ones written before ceu recorded the run's settings in them "
+                         "cannot be checked, and are refused too)")
     differing = [f"{name} {theirs!r} (checkpoint) != {ours!r} (now)"
                  for name, (theirs, ours) in _pairs(state["signature"]["settings"], run_settings(config)).items()
                  if theirs != ours]

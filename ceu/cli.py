@@ -71,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "(ceu.hf.PrimalDualTrainer; for accelerate launch, whose config rules the parallelism)")
     unlearn.add_argument("--no-save-model", action="store_true", help="do not save the unlearned model")
     unlearn.add_argument("--overwrite", action="store_true",
-                         help="start afresh in a non-empty --output-dir: the earlier run's results, eval logs, log, "
-                              "plot and model there are deleted first (without it a non-empty --output-dir, or a "
-                              "--checkpoint-dir holding checkpoints, is refused, unless --resume-from continues "
-                              "that run)")
+                         help=f"start afresh in a non-empty --output-dir: the files an earlier run wrote there "
+                              f"({', '.join(OUTPUTS)}) and its step-*.pt / checkpoint-* in --checkpoint-dir are "
+                              "deleted first (default: off: a "
+                              "non-empty --output-dir, or a --checkpoint-dir holding checkpoints, is refused, unless "
+                              "--resume-from continues that run)")
 
     evaluate = commands.add_parser("eval", help="TOFU metrics of a model, or of TOFU-format evaluation logs",
                                    description="Evaluate with TOFU's metrics. With no argument: the embedded "
@@ -235,7 +236,7 @@ def _check_output_dir(output_dir: Path, fresh: bool) -> None:
     if fresh and output_dir.is_dir() and any(output_dir.iterdir()):
         entries = sorted(entry.name for entry in output_dir.iterdir())
         raise ValueError(f"--output-dir {output_dir} is not empty ({', '.join(entries[:5])}"
-                         f"{', ...' if len(entries) > 5 else ''}): pass --overwrite to delete it and start afresh, "
+                         f"{', ...' if len(entries) > 5 else ''}): pass --overwrite to replace an earlier run's files there, "
                          "--resume-from to continue it, or another --output-dir")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
