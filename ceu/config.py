@@ -30,7 +30,9 @@ def knob(default, help: str, group: str | None = None):
 class UnlearnConfig:
     """Every knob of :func:`ceu.unlearn` and :class:`ceu.hf.PrimalDualTrainer`. The defaults are the PDU authors' TOFU
     settings (λ₀=100, η_λ=5, ε=0.3, 5 warm-up epochs, lr 1e-5, 10 epochs); MUSE used λ₀=50, η_λ=1, 3 warm-up epochs.
-    How epochs, accumulation and the two warm-ups become optimizer steps: :mod:`ceu.schedule`."""
+    How epochs, accumulation and the two warm-ups become optimizer steps: :mod:`ceu.schedule`. An invalid value (NaN,
+    infinite, out of :data:`RANGES`, of the wrong type) is refused here, by a :class:`ConfigError` naming the field,
+    not deep inside a run."""
 
     epochs: float = knob(10.0, "passes over the forget set", TRAINING)
     lr: float = knob(1e-5, "AdamW learning rate", TRAINING)
