@@ -1,7 +1,7 @@
 """Fused LM-head cross-entropy for the retain loss: matches ``F.cross_entropy(hidden @ weight.T + bias, labels)``
-without holding ``[tokens, V]`` logits. For the scalar reductions on a backend that can (the chunked PyTorch path),
-the gradients are formed in the forward from the same logits and the backward only scales them; otherwise the
-backward recomputes each chunk's logits.
+without holding ``[tokens, V]`` logits. For the scalar reductions on a backend that can (today every backend), the
+gradients are formed in the forward from the same logits and the backward only scales them; otherwise the backward
+recomputes each chunk's logits.
 """
 import torch
 
@@ -91,20 +91,19 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100
     Autocast does not change what is computed: the GEMMs run in the inputs' dtype, the softmax in float32 (float64
     for float64 inputs).
 
-    Gradients: for ``reduction="mean"`` or ``"sum"`` with a gradient needed (grad mode on and some input requiring
-    grad) on a backend that can (``impl="torch"``, the CPU path; see
-    :func:`ceu_kernels.contract.fuses_ce_gradients`), they are formed in the forward from the same logits chunks
-    (three GEMMs and one exponential pass in all, against four GEMMs when the backward recomputes), only for the
-    inputs that require grad; the backward multiplies them by the upstream scalar. So between forward and backward
-    the graph holds ``dh [N, H]`` in hidden's dtype and ``dW [V, H]``, ``db [V]`` in the accumulator dtype (float32,
-    float64 for float64 inputs) instead of the inputs and a ``[N]`` log-sum-exp, and the backward briefly holds a
-    second ``[V, H]`` (the scaled copy in the weight's dtype). The backward never changes what it saved: calling it
-    twice (``retain_graph=True``) gives the same gradients. ``reduction="none"``, whose upstream gradient is per
-    token, and the Triton and CUDA backends keep the backward that recomputes the logits. Under ``torch.no_grad``,
-    or when no input requires grad, no gradient is computed. Both paths are custom ops with fake kernels, so
-    ``torch.compile(fullgraph=True)`` traces them without a graph break (which path is taken is fixed at trace
-    time by grad mode and ``requires_grad``, which dynamo guards on). Not twice differentiable: differentiating the
-    gradients again (``create_graph=True``) raises, on both paths.
+    Gradients: for ``reduction="mean"`` or ``"sum"`` with a gradient needed (grad mode on and some input requiring grad)
+    on a backend that can (every backend today: torch's softmax, or a Triton or CUDA row kernel, between the GEMMs; see
+    :func:`ceu_kernels.contract.fuses_ce_gradients`), they are formed in the forward from the same logits chunks (three
+    GEMMs and one exponential pass in all, against four GEMMs when the backward recomputes), only for the inputs that
+    require grad; the backward multiplies them by the upstream scalar. So between forward and backward the graph holds
+    ``dh [N, H]`` in hidden's dtype and ``dW [V, H]``, ``db [V]`` in the accumulator dtype (float32, float64 for float64
+    inputs) instead of the inputs and a ``[N]`` log-sum-exp, and the backward briefly holds a second ``[V, H]`` (the
+    scaled copy in the weight's dtype). The backward never changes what it saved: calling it twice
+    (``retain_graph=True``) gives the same gradients. ``reduction="none"``, whose upstream gradient is per token, keeps
+    the backward that recomputes the logits. Under ``torch.no_grad``, or when no input requires grad, no gradient is
+    computed. Both paths are custom ops with fake kernels, so ``torch.compile(fullgraph=True)`` traces them without a
+    graph break (which path is taken is fixed at trace time by grad mode and ``requires_grad``, which dynamo guards on).
+    Not twice differentiable: differentiating the gradients again (``create_graph=True``) raises, on both paths.
     """
     vocab_size = checks.check_head(hidden, weight, bias, vocab_size, reduction, impl, chunk_size)
     checks.check_labels(labels, hidden, vocab_size, ignore_index)

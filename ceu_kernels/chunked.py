@@ -193,7 +193,7 @@ def fused_ce_loop(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_
     bias = None if bias is None else bias[:vocab_size]
     rows, buffer, buffer_acc = _ce_buffers(hidden, weight, vocab_size, chunk_size, upcast)
     acc = stat_dtype(hidden.dtype)
-    labels = labels.long()
+    labels = labels.long().contiguous()
     loss = torch.empty(n_tokens, dtype=acc, device=hidden.device)
     lse = torch.empty_like(loss)
     found = _ce_gradient_outputs(hidden, weight, acc, needs_hidden, needs_weight, needs_bias)

@@ -36,6 +36,7 @@ from triton.runtime.jit import JITFunction
 from . import tl_utils
 from .ce_backward import ce_gradients
 from .ce_forward import ce_token_losses
+from .ce_fused import ce_forward_backward
 from .lmf_backward import lmf_gradients
 from .lmf_forward import lmf_row_stats
 
@@ -102,6 +103,12 @@ def _launch_paths(full: bool):
             yield (f"ce_gradients bias={bias} needs={needs}", precision,
                    lambda t, bias=bias, needs=needs: ce_gradients(t.grad, t.lse, t.hidden, t.weight, t.bias(bias),
                                                                   t.labels, VOCAB_SIZE, -100, None, *needs))
+    # The gradients formed in the forward: the GEMMs run in torch (on these CPU tensors), only the row kernel is
+    # Triton's, and it has no tl.dot: the input dtype matters, not the matmul precision.
+    for precision in ("fp16", "bf16", "fp32-ieee", "fp64") if full else ("fp16", "bf16", "fp32-ieee"):
+        yield ("ce_forward_backward", precision,  # one chunk of all tokens: one launch
+               lambda t: ce_forward_backward(t.hidden, t.weight, None, t.labels, VOCAB_SIZE, -100, N_TOKENS, True,
+                                             True, False))
     # The LMF backward has no tl.dot: matmul precision does not matter, the input dtype does.
     for precision in ("fp16", "bf16", "fp32-ieee", "fp64") if full else ("fp16", "fp32-ieee"):
         for needs, deterministic in itertools.product(gradient_sets, (False, True)):

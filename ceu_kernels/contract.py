@@ -57,8 +57,8 @@ class Backend(Protocol):
     enters a max, a mean or a softmax and gets exactly zero gradient. Per-token statistics and upstream
     coefficients are :func:`stat_dtype` (float32, float64 for float64 inputs); gradients come back in the dtype of
     the tensor they belong to, ``None`` where the matching ``needs_*`` is False. ``chunk_size`` is the number of
-    tokens per GEMM for the backends that write logits (default: :func:`chunk_rows`); a backend that tiles tokens
-    itself (Triton) ignores it. A backend never writes its inputs.
+    tokens per GEMM for the backends that write logits (default: :func:`chunk_rows`); a function that tiles tokens
+    itself (Triton's, but for ``ce_forward_backward``) ignores it. A backend never writes its inputs.
 
     What a backend computes, and what it leaves to the autograd Functions above it (``ceu.lmf``,
     ``ceu.cross_entropy``, ``ceu.parallel``): a backend does the per-token reductions over the vocabulary, the
@@ -111,23 +111,26 @@ class Backend(Protocol):
                             ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """Optional. ``ce_forward``'s ``(per_token, lse)`` and the gradients of ``sum(per_token_loss)`` formed
         from the forward's own logits (no recompute): ``dh`` in hidden's dtype, ``dW``/``db`` in the
-        statistics dtype, ``None`` where not needed. Only the torch backend provides it (see
-        :func:`fuses_ce_gradients`)."""
+        statistics dtype, ``None`` where not needed. Every backend provides it through one chunked loop
+        (:func:`ceu_kernels.chunked.fused_ce_loop`: the logits and both gradient GEMMs through torch, so by cuBLAS
+        on a GPU) with its own row step, and it writes logits a chunk at a time, so it follows ``chunk_size``
+        (Triton's too). See :func:`fuses_ce_gradients`."""
 
 
 def fuses_ce_gradients(name: str) -> bool:
     """Whether backend ``name`` forms the cross-entropy gradients in its forward: the one decision, made here.
 
-    A backend does exactly when it provides ``ce_forward_backward``; today that is ``"torch"`` (the chunked PyTorch
-    path, where it saves one of four GEMMs and an exponential pass). Every other backend, today Triton and CUDA,
-    falls back to the default: ``ce_forward``, then ``ce_backward`` recomputing the logits in the backward, with
-    nothing but the inputs and the log-sum-exp held in between. ``ceu.linear_cross_entropy`` asks this once per
+    A backend does exactly when it provides ``ce_forward_backward``; today every backend does (three GEMMs and one
+    exponential pass against four GEMMs and two for a forward and a backward that recomputes: the chunked PyTorch
+    path with ``torch.softmax`` as its row step, Triton and CUDA with one row kernel each between cuBLAS GEMMs).
+    A backend without it falls back to ``ce_forward``, then ``ce_backward`` recomputing the logits in the backward,
+    with nothing but the inputs and the log-sum-exp held in between. ``ceu.linear_cross_entropy`` asks this once per
     call, for the scalar reductions when a gradient is needed; ``reduction="none"`` always recomputes.
     """
     return name in _FUSING_CE
 
 
-_FUSING_CE = frozenset(("torch",))
+_FUSING_CE = frozenset(("torch", "triton", "cuda"))
 """The backends whose module provides ``ce_forward_backward`` (kept as names so that :func:`fuses_ce_gradients` needs
 no import and traces under ``torch.compile``; a test checks it against the modules)."""
 
@@ -143,11 +146,13 @@ def load(name: str) -> Backend:
     if name == "triton":
         from .ce_backward import ce_gradients
         from .ce_forward import ce_token_losses
+        from .ce_fused import ce_forward_backward
         from .lmf_backward import lmf_gradients
         from .lmf_forward import lmf_row_stats
-        # The launchers take the contract's arguments, so the backend is just the four of them.
+        # The launchers take the contract's arguments, so the backend is just the five of them.
         return types.SimpleNamespace(lmf_forward=lmf_row_stats, lmf_backward=lmf_gradients,
-                                     ce_forward=ce_token_losses, ce_backward=ce_gradients)
+                                     ce_forward=ce_token_losses, ce_backward=ce_gradients,
+                                     ce_forward_backward=ce_forward_backward)
     if name == "cuda":
         from . import cuda
         return cuda

@@ -4,13 +4,14 @@ The kernels are the compiled extension ``ceu_kernels._C``, built by ``pip instal
 torch has CUDA and ``nvcc`` and ``ninja`` are present. An install without it can compile the same sources on first use:
 call :func:`build_jit` or set ``CEU_CUDA_JIT=1`` (needs a source checkout, ``nvcc`` and ``ninja``).
 
-The four backend functions follow :class:`ceu_kernels.contract.Backend`. The LMF forward and the cross-entropy
-forward run one GEMM per token chunk into a buffer reused across chunks and bounded by ``CHUNK_BUDGET_BYTES`` (or
-``chunk_size`` tokens), then one kernel reads the chunk once. The cross-entropy backward tiles tokens x vocabulary
-under the same bound, all tokens per tile when a wide enough vocabulary slice fits, so each slice of ``dW`` is written
-by one GEMM instead of being re-read and re-written once per token chunk. A half-precision gradient summed over
-several tiles accumulates in float32 inside cuBLAS through ``torch.mm``/``torch.addmm(..., out_dtype=torch.float32)``
-(present in torch 2.11).
+The five backend functions follow :class:`ceu_kernels.contract.Backend`. The LMF forward and the cross-entropy forward
+run one GEMM per token chunk into a buffer reused across chunks and bounded by :func:`~ceu_kernels.contract.chunk_rows`
+(or ``chunk_size`` tokens), then one kernel reads the chunk once. The cross-entropy with gradients in the forward is
+the torch backend's chunk loop (:func:`ceu_kernels.chunked.fused_ce_loop`) with one kernel as its row step
+(:func:`ce_rows_`). The cross-entropy backward tiles tokens x vocabulary under the same bound, all tokens per tile when
+a wide enough vocabulary slice fits, so each slice of ``dW`` is written by one GEMM instead of being re-read and
+re-written once per token chunk. A half-precision gradient summed over several tiles accumulates in float32 inside
+cuBLAS through ``torch.mm``/``torch.addmm(..., out_dtype=torch.float32)`` (present in torch 2.11).
 """
 import importlib
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .chunked import gemm_into
+from .chunked import fused_ce_loop, gemm_into
 from .contract import chunk_rows, stat_dtype
 
 BUILD_HINT = ("build it where torch has CUDA and nvcc and ninja are installed, with "
@@ -207,3 +208,19 @@ def ce_backward(grad, lse, hidden, weight, bias, labels, vocab_size, ignore_inde
     if needs_bias:
         grad_bias = grad_bias.to(weight.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+def ce_rows_(logits, labels, ignore_index, loss, lse):
+    """Row step of :func:`~ceu_kernels.chunked.fused_ce_loop`: one kernel per chunk writes ``loss`` and ``lse``
+    and rewrites the logits in place into ``softmax - onehot(label)``, zero at ignored tokens (so it returns
+    None)."""
+    kernels().ce_fused_grad_(logits, labels, ignore_index, loss, lse)
+    return None
+
+
+def ce_forward_backward(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size, needs_hidden,
+                        needs_weight, needs_bias):
+    """``ce_forward`` and the gradients of the summed per-token losses from the same logits: cuBLAS GEMMs
+    through torch and the :func:`ce_rows_` kernel between them (see :class:`ceu_kernels.contract.Backend`)."""
+    return fused_ce_loop(hidden, weight, bias, labels, vocab_size, ignore_index, chunk_size, needs_hidden,
+                         needs_weight, needs_bias, row_step=ce_rows_, upcast=False)

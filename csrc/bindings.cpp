@@ -18,4 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("labels"), py::arg("ignore_index"), py::arg("loss"), py::arg("lse"));
   m.def("ce_grad_", &ceu::ce_grad_, "In place: logits = token_grad * (softmax - onehot(labels - column_offset))",
         py::arg("logits"), py::arg("labels"), py::arg("column_offset"), py::arg("lse"), py::arg("token_grad"));
+  m.def("ce_fused_grad_", &ceu::ce_fused_grad_,
+        "Per-row log-sum-exp and cross-entropy, then in place: logits = softmax - onehot(labels), 0 at ignore_index",
+        py::arg("logits"), py::arg("labels"), py::arg("ignore_index"), py::arg("loss"), py::arg("lse"));
 }

@@ -36,4 +36,9 @@ void ce_reduce(const at::Tensor& logits, const at::Tensor& labels, int64_t ignor
 void ce_grad_(const at::Tensor& logits, const at::Tensor& labels, int64_t column_offset, const at::Tensor& lse,
               const at::Tensor& token_grad);
 
+// Per row of logits, the gradients formed in the forward: log-sum-exp and loss (acc, as ce_reduce), then in place
+// logits[r, j] = softmax - [labels[r] == j], the whole row 0 where labels[r] == ignore_index.
+void ce_fused_grad_(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const at::Tensor& loss,
+                    const at::Tensor& lse);
+
 }  // namespace ceu

@@ -61,6 +61,11 @@ class TorchKernels:
         onehot = (labels[:, None] == columns).to(lse.dtype)
         logits.copy_(token_grad[:, None] * (probability - onehot))
 
+    @staticmethod
+    def ce_fused_grad_(logits, labels, ignore_index, loss, lse):
+        TorchKernels.ce_reduce(logits, labels, ignore_index, loss, lse)
+        TorchKernels.ce_grad_(logits, labels, 0, lse, (labels != ignore_index).to(lse.dtype))
+
 
 ON_GPU = cuda_kernels() is not None
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and the built extension ceu_kernels._C")
@@ -170,6 +175,28 @@ def test_cross_entropy_host_loop_matches_chunked(torch_kernels, shape, chunk_siz
                 assert_close(f"grad {name}", got_grad, expected_grad, dtype)
 
 
+@pytest.mark.parametrize("shape", HOST_SHAPES, ids=str)
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
+def test_cross_entropy_gradients_in_the_forward_match_chunked(torch_kernels, shape, chunk_size, dtype, with_bias):
+    """cuda.ce_forward_backward: the shared chunk loop with the CUDA row step (its twin here) gives the torch
+    backend's loss, log-sum-exp and gradients; ignored rows are zeroed by the row step (no row scale)."""
+    n_tokens, hidden_size, vocab, vocab_size = shape
+    vocab_size = vocab_size or vocab
+    hidden, weight, bias = head_inputs(n_tokens, hidden_size, vocab, dtype, bias=with_bias)
+    labels = torch.randint(0, vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(4))
+    labels[::4] = 7
+    for needs in [(True, True, with_bias), (False, True, False), (True, False, False)]:
+        args = (hidden, weight, bias, labels, vocab_size, 7, chunk_size, *needs)
+        got, expected = cuda.ce_forward_backward(*args), chunked.ce_forward_backward(*args)
+        for name, got_value, expected_value in zip(("loss", "lse", "hidden", "weight", "bias"), got, expected):
+            assert (got_value is None) == (expected_value is None), name
+            if expected_value is not None:
+                assert got_value.dtype == expected_value.dtype and got_value.shape == expected_value.shape, name
+                assert_close(name, got_value, expected_value, dtype)
+
+
 def test_backward_tiles_stay_within_the_chunk_budget():
     """Every tile holds at most as many logits as a forward chunk, and all tokens at once where that is possible."""
     for chunk_size, n_tokens, vocab_size in [(None, 8192, 128256), (4, 37, 290), (1, 5, 40), (None, 10**6, 50000)]:
@@ -235,6 +262,30 @@ def test_row_reductions_match_twins(dtype, cols, shift):
     for name, got, expected in zip(("loss", "lse", "dlogits"), results["kernel"], results["twin"]):
         assert_close(name, got[finite_rows], expected[finite_rows], got.dtype)
     assert results["kernel"][1][4] == float("-inf") and results["kernel"][1][3].isnan()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("cols", [1, 7, 300, 5003, 40000])
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_fused_row_kernel_matches_twin(dtype, cols, shift):
+    """ce_fused_grad_ (the row step of the gradients formed in the forward) against its twin, on the hard rows and
+    unaligned rows; ignored rows come back zero, the NaN row NaN."""
+    rows = 9
+    labels = torch.randint(0, cols, (rows,), device="cuda")
+    labels[1], labels[6] = -100, cols - 1
+    acc = stat_dtype(dtype)
+    results = {}
+    for name, ops in (("kernel", cuda.kernels()), ("twin", TorchKernels)):
+        logits = unaligned(logits_with_ties(rows, cols, dtype).cuda(), shift)
+        loss, lse = logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
+        ops.ce_fused_grad_(logits, labels, -100, loss, lse)
+        results[name] = (loss, lse, logits)
+    finite_rows = torch.tensor([r for r in range(rows) if r not in (3, 4)], device="cuda")
+    for name, got, expected in zip(("loss", "lse", "dlogits"), results["kernel"], results["twin"]):
+        assert_close(name, got[finite_rows], expected[finite_rows], got.dtype)
+    loss, lse, dlogits = results["kernel"]
+    assert not dlogits[1].any() and loss[1] == 0 and lse[3].isnan() and dlogits[3].isnan().all()
 
 
 @needs_gpu
