@@ -30,7 +30,7 @@ from ceu.primal_dual import PrimalDual
 from ceu.runlog import log_record, open_log, write_record
 from ceu.schedule import Schedule, decay_parameter_names, training_schedule
 from ceu.train import UnlearnResult, constraint_bound, deterministic_algorithms, uses_bf16
-from ceu.zero3 import gathered_lm_head
+from ceu.zero3 import gathered_lm_head, is_zero3_parameter, release
 
 PRIMAL_DUAL_FILE = "primal_dual.pt"
 LR_SCHEDULER_TYPES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -285,7 +285,8 @@ def unlearn_with_trainer(model, forget_data: list[dict], retain_data: list[dict]
     DeepSpeed config). Pass the unwrapped model and the full data on every rank; Trainer wraps the model and shards
     the data. ``config`` (default ``UnlearnConfig()``): ``checkpoint_dir`` (default ``output_dir``) receives Trainer
     checkpoints every ``checkpoint_every`` steps; ``resume_from`` is one of them. ``log_path`` gets the slim loop's
-    JSONL log."""
+    JSONL log. After a DeepSpeed ZeRO-3 run the model is handed back whole on every rank
+    (:func:`ceu.zero3.release`)."""
     config = config if config is not None else UnlearnConfig()
     check_answer_tokens(forget_data, retain_data, forget_shifted=config.forget_mask == "shifted")
     epsilon, initial_retain_loss = constraint_bound(model, retain_data, config, pad_token_id)
@@ -298,5 +299,7 @@ def unlearn_with_trainer(model, forget_data: list[dict], retain_data: list[dict]
         trainer.add_callback(JsonlLogCallback(config.log_path, trainer.primal_dual))
     with deterministic_algorithms(config.deterministic):
         trainer.train(resume_from_checkpoint=config.resume_from)
+    if is_zero3_parameter(next(model.parameters())):  # partitioned: give the caller back a plain model
+        release(trainer.model_wrapped)
     model.eval()
     return UnlearnResult.of(trainer.primal_dual, trainer.state.global_step, initial_retain_loss)

@@ -91,3 +91,21 @@ def gathered_lm_head(model):
         yield
     finally:
         lm.set_output_embeddings(head)
+
+
+def release(engine) -> None:
+    """Hands back the model a ZeRO-3 ``engine`` trained as an ordinary model on every rank: DeepSpeed's hooks are
+    removed and each parameter is replaced by a plain one holding its full value (tied parameters stay tied), so
+    evaluation, the fused losses and ``save_pretrained`` see plain tensors. A collective: every rank calls it. The
+    engine and its optimizer are unusable afterwards."""
+    import deepspeed
+
+    model = engine.module
+    params = list(model.parameters())  # a parameter shared by several modules once
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        plain = {id(param): torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                 for param in params}
+    engine.destroy()
+    for module in model.modules():  # a plain dict, not ZeRO's, which gathers parameters on access
+        module._parameters = {name: None if param is None else plain[id(param)]
+                              for name, param in module._parameters.items()}

@@ -67,3 +67,10 @@ def test_zero3_launch_trains_as_one_plain_process(tmp_path):
                  torch.float32)
     assert_close("sft weights", result["sft_weights"], torch.cat([p.detach().flatten() for p in phi.parameters()]),
                  torch.float32)
+
+    # unlearn_with_trainer (ceu unlearn --trainer hf) hands the model back whole, for evaluation and saving
+    assert result["unlearn_plain"]
+    model, retain_loss = script.unlearn_run(tmp_path / "plain_unlearn", script.SAMPLES)
+    assert_close("unlearned weights", result["unlearn_weights"],
+                 torch.cat([p.detach().flatten() for p in model.parameters()]), torch.float32)
+    assert result["unlearn_retain_loss"] == pytest.approx(retain_loss, rel=1e-5)

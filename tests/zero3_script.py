@@ -4,7 +4,9 @@ on a tiny Phi (a head with a bias) patched by ``ceu.patch_causal_lm``, each for 
 the whole data set split over the ranks. Usage: ``zero3_script.py OUTDIR``.
 
 Rank 0 saves ``OUTDIR/zero3.pt``: for each run the final weights (gathered) as one flat vector and the logged losses;
-for the PDU run λ; and the LM-head weight's size outside the forward (0: ZeRO-3 partitioned it).
+for the PDU run λ; and the LM-head weight's size outside the forward (0: ZeRO-3 partitioned it). Then
+``unlearn_with_trainer`` on a tiny Llama: whether it handed the model back plain (no ZeRO-3 parameter left), its
+weights and the retain loss measured on it afterwards.
 """
 import os
 import sys
@@ -18,7 +20,8 @@ from helpers import qa_samples, tiny_model  # tests/ is sys.path[0] when this fi
 import ceu
 from ceu.config import UnlearnConfig
 from ceu.data import pad_batch
-from ceu.hf import ForgetRetainCollator, ForgetRetainDataset, PrimalDualTrainer
+from ceu.heads import dataset_loss
+from ceu.hf import ForgetRetainCollator, ForgetRetainDataset, PrimalDualTrainer, unlearn_with_trainer
 
 SAMPLES, STEPS, LR = 4, 2, 1e-2
 PDU = dict(lr_schedule="constant", lambda_init=1.0, dual_lr=2.0, epsilon=1.0, dual_warmup_epochs=0)
@@ -42,6 +45,15 @@ def sft_trainer(args, model) -> transformers.Trainer:
                                 data_collator=lambda items: pad_batch(items, 0))
 
 
+def unlearn_run(out_dir: Path, batch_size: int):
+    """``unlearn_with_trainer`` (``ceu unlearn --trainer hf``) on a tiny Llama: the model it hands back and its retain
+    loss measured afterwards, as the CLI then evaluates and saves it."""
+    model = tiny_model()
+    config = UnlearnConfig(**PDU, epochs=STEPS, batch_size=batch_size, lr=LR, progress=False)
+    unlearn_with_trainer(model, qa_samples(SAMPLES), qa_samples(SAMPLES, seed=1), config, output_dir=out_dir)
+    return model, dataset_loss(model, qa_samples(SAMPLES, seed=1))
+
+
 def losses(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
@@ -63,11 +75,15 @@ def main(out_dir: Path) -> None:
     sft = sft_trainer(arguments(out_dir / "sft", batch_size, max_steps=STEPS), phi)
     with ceu.patch_causal_lm(phi, impl="torch"):
         sft.train()
+    unlearned, unlearned_retain_loss = unlearn_run(out_dir / "unlearn", batch_size)
     result = {"world_size": dist.get_world_size(), "engine": type(pdu.model_wrapped).__name__,
               "head_numel": [pdu.model.lm_head.weight.numel(), phi.lm_head.weight.numel()],
               "pdu_weights": flat_weights(pdu.model), "pdu_lambda": pdu.primal_dual.lam.item(),
               "pdu_retain_losses": losses(pdu, "retain_loss"), "sft_weights": flat_weights(phi),
-              "sft_losses": losses(sft, "loss")}
+              "sft_losses": losses(sft, "loss"),
+              "unlearn_plain": not any(hasattr(p, "ds_id") for p in unlearned.parameters()),
+              "unlearn_weights": torch.cat([p.detach().flatten() for p in unlearned.parameters()]),
+              "unlearn_retain_loss": unlearned_retain_loss}
     if dist.get_rank() == 0:
         torch.save(result, out_dir / "zero3.pt")
 
