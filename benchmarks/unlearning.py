@@ -45,10 +45,17 @@ SEEDS = (0, 1, 2)
 # this fraction of the learned model's, and the retain loss within ε at the end.
 GOAL_FORGET_QUALITY, GOAL_UTILITY_RATIO = 0.05, 0.95
 BLOCK = "unlearning-comparison"
-# The sweep PDU's embedded settings come from (`--sweep`: seed 0, forget10): the embedded default and one change at a
-# time of its bound, forget weight, dual step, initial λ, LR and epochs.
+# The sweep PDU's settings on this benchmark come from (`--sweep`: seed 0, forget10; changes to the embedded default
+# ceu.cli.EMBEDDED): one change at a time of its bound, forget weight, dual step, initial λ, LR and epochs, then
+# combinations around the best trade-off. README, "PDU against the baselines", gives the numbers.
 SWEEP = ({}, {"epsilon": 0.005}, {"epsilon": 0.05}, {"forget_weight": 0.3}, {"dual_lr": 5.0}, {"lambda_init": 300.0},
-         {"lr": 1e-4}, {"lr": 5e-5}, {"epochs": 10.0}, {"epochs": 15.0})
+         {"lr": 1e-4}, {"lr": 5e-5}, {"epochs": 10.0}, {"epochs": 15.0}, {"lr": 5e-5, "epochs": 10.0},
+         {"epochs": 60.0}, {"lr": 4e-4}, {"epochs": 60.0, "lambda_init": 300.0}, {"lr": 4e-4, "lambda_init": 300.0},
+         {"forget_weight": 0.3, "lambda_init": 300.0}, {"forget_weight": 0.3, "lambda_init": 300.0, "lr": 3e-4},
+         {"forget_weight": 0.3, "lambda_init": 300.0, "epochs": 45.0}, {"forget_weight": 0.1, "lambda_init": 300.0},
+         {"forget_weight": 0.3, "lambda_init": 300.0, "dual_warmup_epochs": 0.0})
+# What the sweep chose (the changes to ceu.cli.EMBEDDED PDU runs with here): see the README.
+PDU_CHOSEN = {"forget_weight": 0.3, "lambda_init": 300.0}
 METRICS = [  # (key, column, format of one value)
     ("forget_quality", "forget quality", "{:.2g}"),
     ("utility_ratio", "model utility / learned", "{:.3f}"),
@@ -115,14 +122,14 @@ def training_settings(epochs: float | None = None) -> dict:
     return settings if epochs is None else {**settings, "epochs": float(epochs)}
 
 
-def method_settings(method: str, pdu_overrides: dict | None = None) -> dict:
-    """A method's own settings on the embedded benchmark: PDU's embedded λ₀, η_λ, ε and dual warm-up (with
-    ``pdu_overrides``, the sweep's); the others their defaults (:data:`ceu.methods.DEFAULTS`). ε is PDU's for every
-    method, as the bound the table reports against."""
+def method_settings(method: str, pdu_changes: dict | None = None) -> dict:
+    """A method's own settings on the embedded benchmark: PDU's are the embedded default's λ₀, η_λ, ε and dual warm-up
+    with ``pdu_changes`` (default :data:`PDU_CHOSEN`; a sweep point); the others their defaults
+    (:data:`ceu.methods.DEFAULTS`). ε is PDU's for every method, as the bound the table reports against."""
     from ceu.cli import EMBEDDED
 
     pdu = {name: EMBEDDED[name] for name in ("lambda_init", "dual_lr", "epsilon", "dual_warmup_epochs")}
-    pdu.update(pdu_overrides or {})
+    pdu.update(PDU_CHOSEN if pdu_changes is None else pdu_changes)
     return pdu if method == "pdu" else {"method": method, "epsilon": pdu["epsilon"]}
 
 
@@ -180,13 +187,13 @@ class Bench:
         block["utility_ratio"] = block["model_utility"] / self.learned_utility
         return block
 
-    def run(self, method: str, seed: int, epochs: float | None, log_dir: Path, pdu_overrides: dict) -> dict:
+    def run(self, method: str, seed: int, epochs: float | None, log_dir: Path, pdu_changes: dict | None) -> dict:
         from ceu.config import UnlearnConfig
         from ceu.eval import evaluate_model
         from ceu.heads import dataset_loss
         from ceu.train import unlearn
 
-        settings = {**training_settings(epochs), **method_settings(method, pdu_overrides)}
+        settings = {**training_settings(epochs), **method_settings(method, pdu_changes)}
         config = UnlearnConfig(**settings, seed=seed, impl="torch", progress=False,
                                log_path=str(log_dir / f"{self.split}-{method}-seed{seed}.jsonl"))
         model = self.stage.load("learned")
@@ -196,8 +203,8 @@ class Bench:
         log = evaluate_model(model, self.tokenizer, self.eval_sets, self.template, impl="torch")
         retain_loss = dataset_loss(model, self.retain_samples, self.tokenizer.pad_token_id, impl="torch")
         block = self.score(model, log, retain_loss)
-        label = method if method != "pdu" or not pdu_overrides else \
-            "pdu " + ", ".join(f"{name}={value:g}" for name, value in pdu_overrides.items())
+        label = method if method != "pdu" or pdu_changes is None else \
+            "pdu " + (", ".join(f"{name}={value:g}" for name, value in pdu_changes.items()) or "(embedded default)")
         return {**block, "epsilon": result.epsilon, "within_epsilon": retain_loss <= result.epsilon,
                 "final_lambda": result.final_lambda, "steps": result.steps, "wall_time_s": wall_time,
                 "method": label, "seed": seed, "split": self.split,
@@ -274,14 +281,15 @@ def plot(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 4.2), squeeze=False)
     colors = dict(zip(METHODS, ("tab:green", "tab:red", "tab:orange", "tab:blue", "tab:purple")))
     for ax, (split, rows) in zip(axes[0], summary.items()):
-        for method, row in rows.items():
+        for index, (method, row) in enumerate(rows.items()):
+            color = colors.get(method, f"C{index % 10}")  # sweep labels: the default cycle
             runs = [run for run in results["runs"] if run["split"] == split and run["method"] == method]
             ax.scatter([run["model_utility"] for run in runs], [run["forget_quality"] for run in runs], s=10,
-                       color=colors.get(method), alpha=0.4)
+                       color=color, alpha=0.4)
             utility = [run["model_utility"] for run in runs]
             ax.errorbar(statistics.fmean(utility), row["forget_quality"][0],
                         xerr=statistics.stdev(utility) if len(utility) > 1 else 0, yerr=row["forget_quality"][1],
-                        fmt="o", color=colors.get(method), label=method, capsize=3)
+                        fmt="o", color=color, label=method, capsize=3)
         for name, block in results["reference"][split].items():
             ax.scatter(block["model_utility"], block["forget_quality"], marker="*" if "gold" in name else "x",
                        color="black", s=70, label=name)
@@ -309,14 +317,15 @@ def run(args) -> dict:
         stage = stage_one(Path(temporary), epochs=2, progress=False) if args.dry_run else stage_one(progress=False)
         results = {"command": " ".join(["python -m benchmarks unlearning", *args.argv]), "splits": args.splits,
                    "methods": args.methods, "seeds": args.seeds, "training": training_settings(args.epochs),
-                   "method_settings": {method: method_settings(method, args.pdu) for method in args.methods},
+                   "method_settings": {method: method_settings(method, {**PDU_CHOSEN, **args.pdu})
+                                       for method in args.methods},
                    "runs": [], "reference": {}}
         start = time.perf_counter()
         for split in args.splits:
             bench = Bench(stage, split, eval_limit=8 if args.dry_run else None)
             results["reference"][split] = bench.reference
-            plan = [("pdu", overrides) for overrides in SWEEP] if args.sweep else \
-                [(method, args.pdu) for method in args.methods]
+            plan = [("pdu", changes) for changes in SWEEP] if args.sweep else \
+                [(method, {**PDU_CHOSEN, **args.pdu} if args.pdu else None) for method in args.methods]
             for method, overrides in plan:
                 for seed in args.seeds:
                     run = bench.run(method, seed, args.epochs, args.out, overrides)
@@ -369,7 +378,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--epochs", type=float, help="override the shared number of epochs (development runs)")
     parser.add_argument("--pdu", nargs="+", default=[], metavar="FIELD=VALUE",
-                        help="override PDU's embedded settings (the sweep), e.g. --pdu epsilon=0.05 dual_lr=5")
+                        help="change PDU's settings further, e.g. --pdu epsilon=0.05 dual_lr=5")
     parser.add_argument("--sweep", action="store_true",
                         help="PDU alone, over the documented grid SWEEP (how its embedded settings were chosen)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the demo)")
