@@ -232,3 +232,17 @@ def test_trl_sft_trainer_runs_the_same_with_the_patch(tmp_path):
     assert len(losses) == 2 and losses == expected_losses
     for name, weight in weights.items():
         assert torch.equal(weight, expected_weights[name]), name
+
+
+def test_gradient_checkpointing_and_autocast_keep_the_patched_loss():
+    model, batch = model_of("llama"), batch_of()
+    expected, expected_grads = loss_and_grads(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with ceu.patch_causal_lm(model, impl="torch"):
+        outputs, grads = loss_and_grads(model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the head in bf16 under autocast, the fused loss not
+            autocast_loss = model(**batch).loss
+    assert_same(outputs.loss, grads, expected.loss, expected_grads)
+    assert autocast_loss.dtype == torch.float32
+    assert_close("autocast loss", autocast_loss.detach(), expected.loss.detach(), torch.bfloat16)
