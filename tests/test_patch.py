@@ -237,7 +237,7 @@ def test_trl_sft_trainer_runs_the_same_with_the_patch(tmp_path):
 def test_gradient_checkpointing_and_autocast_keep_the_patched_loss():
     model, batch = model_of("llama"), batch_of()
     expected, expected_grads = loss_and_grads(model, batch)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     with ceu.patch_causal_lm(model, impl="torch"):
         outputs, grads = loss_and_grads(model, batch)
