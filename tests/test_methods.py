@@ -257,3 +257,16 @@ def test_trainer_runs_the_methods_and_refuses_the_per_epoch_update(tmp_path):
     with pytest.raises(ValueError, match="dual_update_per_epoch runs in ceu.unlearn's loop only"):
         unlearn_with_trainer(tiny_model(), forget, retain, UnlearnConfig(dual_update_per_epoch=True, progress=False),
                              output_dir=tmp_path / "pdu")
+
+
+def test_command_line_options_reach_the_config(tmp_path):
+    from ceu.cli import _config, build_parser
+
+    args = build_parser().parse_args(["unlearn", "--model", "m", "--method", "npo", "--beta", "0.5", "--retain-weight",
+                                      "2", "--retain-loss", "kl", "--forget-weight", "0.5"])
+    config = _config(args, tmp_path)
+    assert (config.method, config.beta, config.retain_weight, config.retain_loss, config.forget_weight) == \
+        ("npo", 0.5, 2.0, "kl", 0.5)
+    args = build_parser().parse_args(["unlearn", "--model", "m", "--dual-update-per-epoch", "--forget-positions", "all"])
+    config = _config(args, tmp_path)
+    assert config.dual_update_per_epoch and config.forget_positions == "all" and config.method == "pdu"
