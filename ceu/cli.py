@@ -176,10 +176,19 @@ def check_arguments(args) -> UnlearnConfig | None:
     for name, default in DATA_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    from ceu.data import check_max_length
+
+    try:
+        check_max_length(args.max_length, allow_none=False)
+    except ValueError as error:
+        raise ValueError(f"argument --max-length: {error}") from None
     for name in ("model", "retain_model", "tokenizer"):
         if getattr(args, name) is not None:
             _check_model_path(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.command == "eval":
+        if args.retain_log is not None and args.tofu_log is None:
+            raise ValueError("--retain-log scores a --tofu-log: give both (to evaluate a model against its retain-only "
+                             "model, pass --retain-model)")
         if (args.output_dir / "eval.json").exists() and args.tofu_log is None and not args.overwrite:
             raise ValueError(f"--output-dir {args.output_dir} already holds an eval.json: pass --overwrite to replace "
                              "it, or another --output-dir")
@@ -315,11 +324,12 @@ class Job:
         return load_records(self.args.data, split)
 
     def samples(self, split: str) -> list[dict]:
-        from ceu.data import tokenize_qa, tokenize_text
+        from ceu.data import records_name, tokenize_qa, tokenize_text
 
+        where = split if self.stage is not None else records_name(self.args.data, split)  # errors name the file
         if self.args.text:
-            return tokenize_text(self.records(split), self.tokenizer, self.args.max_length, where=split)
-        return tokenize_qa(self.records(split), self.tokenizer, self.template, self.args.max_length, where=split)
+            return tokenize_text(self.records(split), self.tokenizer, self.args.max_length, where=where)
+        return tokenize_qa(self.records(split), self.tokenizer, self.template, self.args.max_length, where=where)
 
     def eval_sets(self) -> dict | None:
         """TOFU's four eval sets, or None when the data has no perturbed answers to score (e.g. raw text)."""

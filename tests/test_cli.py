@@ -93,6 +93,16 @@ def test_tiny_unlearn_run_on_a_saved_model_and_tofu_format_folder(tmp_path, caps
     assert "forget_answer_prob" in capsys.readouterr().out
 
 
+def test_a_bad_record_is_named_by_its_file(tmp_path):
+    argv = tiny_job(tmp_path, eval_sets=False)
+    forget_file = tmp_path / "data" / "forget10.json"
+    records = [json.loads(line) for line in forget_file.read_text().splitlines()]
+    records[2]["answer"] = 5
+    write_jsonl(forget_file, records)
+    with pytest.raises(ValueError, match=f"{forget_file} record 2: 'answer' must be a string"):
+        main([*argv, "--epochs", "1", "--output-dir", str(tmp_path / "out"), "--no-save-model"])
+
+
 def test_eval_scores_tofu_logs(capsys):
     assert main(["eval", "--tofu-log", str(TOFU_LOGS / "phi_full_eval_log_aggregated.json"),
                  "--retain-log", str(TOFU_LOGS / "phi_retain90_eval_log_aggregated.json")]) == 0
@@ -212,6 +222,7 @@ def refused(argv, capsys) -> str:
     (["--checkpoint-every", "2"], "argument --checkpoint-every: checkpoint_every needs a checkpoint_dir"),
     (["--max-length", "0"], "argument --max-length: must be an integer >= 1, got 0"),
     (["--max-length=-5"], "argument --max-length: must be an integer >= 1"),
+    (["--max-length", "1"], "argument --max-length: max_length must be an int >= 2"),
     (["--threads", "0"], "argument --threads: must be an integer >= 1"),
     (["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1"),
     (["--overwrite", "--resume-from", "x.pt"], "--overwrite starts afresh and --resume-from continues a run"),
@@ -274,6 +285,11 @@ def test_a_fresh_run_refuses_an_earlier_runs_folder_and_overwrite_replaces_it(tm
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "results.json", "training.png"]
     assert json.loads((out / "results.json").read_text())["steps"] == 2
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_refuses_a_retain_log_without_a_tofu_log(tmp_path, capsys, nothing_may_load):
+    error = refused(["eval", "--retain-log", str(tmp_path / "retain.json"), "--output-dir", str(tmp_path)], capsys)
+    assert "--retain-log scores a --tofu-log: give both" in error, error
 
 
 def test_eval_refuses_to_replace_an_earlier_eval_json(tmp_path, capsys, nothing_may_load):
