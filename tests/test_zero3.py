@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-3 through ``accelerate launch`` (open-unlearning's default launch), two CPU processes over gloo:
 ``PrimalDualTrainer`` (``--trainer hf``) and a ``ceu.patch_causal_lm``-patched ``transformers.Trainer`` train as one
-plain process does on the same global batches. ZeRO-3 partitions the LM head outside its module's forward; the fused
-losses read it through :func:`ceu.zero3.gathered_lm_head`."""
+plain process does on the same global batches, as do ``unlearn_with_trainer`` (the model it hands back) and the
+``ceu.pdu_objective`` Trainer subclass of examples/. ZeRO-3 partitions the LM head outside its module's forward; the
+fused losses read it through :func:`ceu.zero3.gathered_lm_head`."""
 import json
 import os
 import subprocess
@@ -74,3 +75,10 @@ def test_zero3_launch_trains_as_one_plain_process(tmp_path):
     assert_close("unlearned weights", result["unlearn_weights"],
                  torch.cat([p.detach().flatten() for p in model.parameters()]), torch.float32)
     assert result["unlearn_retain_loss"] == pytest.approx(retain_loss, rel=1e-5)
+
+    # ceu.pdu_objective in a Trainer subclass (examples/pdu_hf_trainer.py)
+    example_lambda, example_model = script.example_run(tmp_path / "plain_example", script.SAMPLES)
+    assert result["example_lambda"] == pytest.approx(example_lambda, rel=1e-5)
+    assert example_lambda != script.PDU["lambda_init"]
+    assert_close("example weights", result["example_weights"],
+                 torch.cat([p.detach().flatten() for p in example_model.parameters()]), torch.float32)

@@ -6,7 +6,8 @@ the whole data set split over the ranks. Usage: ``zero3_script.py OUTDIR``.
 Rank 0 saves ``OUTDIR/zero3.pt``: for each run the final weights (gathered) as one flat vector and the logged losses;
 for the PDU run λ; and the LM-head weight's size outside the forward (0: ZeRO-3 partitioned it). Then
 ``unlearn_with_trainer`` on a tiny Llama: whether it handed the model back plain (no ZeRO-3 parameter left), its
-weights and the retain loss measured on it afterwards.
+weights and the retain loss measured on it afterwards. Last, examples/pdu_hf_trainer.py (``ceu.pdu_objective``) on a
+tiny Qwen2: λ and the final weights.
 """
 import os
 import sys
@@ -54,6 +55,17 @@ def unlearn_run(out_dir: Path, batch_size: int):
     return model, dataset_loss(model, qa_samples(SAMPLES, seed=1))
 
 
+def example_run(out_dir: Path, batch_size: int):
+    """examples/pdu_hf_trainer.py (a Trainer subclass on ``ceu.pdu_objective``) on a tiny Qwen2: its λ and model."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from pdu_hf_trainer import unlearn
+
+    primal_dual = ceu.PrimalDual(lambda_init=PDU["lambda_init"], dual_lr=PDU["dual_lr"], epsilon=PDU["epsilon"])
+    trainer = unlearn(tiny_model("qwen2"), qa_samples(SAMPLES), qa_samples(SAMPLES, seed=1), primal_dual,
+                      arguments(out_dir, batch_size, num_train_epochs=STEPS))
+    return primal_dual.lam.item(), trainer.model
+
+
 def losses(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
@@ -76,6 +88,7 @@ def main(out_dir: Path) -> None:
     with ceu.patch_causal_lm(phi, impl="torch"):
         sft.train()
     unlearned, unlearned_retain_loss = unlearn_run(out_dir / "unlearn", batch_size)
+    example_lambda, example_model = example_run(out_dir / "example", batch_size)
     result = {"world_size": dist.get_world_size(), "engine": type(pdu.model_wrapped).__name__,
               "head_numel": [pdu.model.lm_head.weight.numel(), phi.lm_head.weight.numel()],
               "pdu_weights": flat_weights(pdu.model), "pdu_lambda": pdu.primal_dual.lam.item(),
@@ -83,7 +96,8 @@ def main(out_dir: Path) -> None:
               "sft_losses": losses(sft, "loss"),
               "unlearn_plain": not any(hasattr(p, "ds_id") for p in unlearned.parameters()),
               "unlearn_weights": torch.cat([p.detach().flatten() for p in unlearned.parameters()]),
-              "unlearn_retain_loss": unlearned_retain_loss}
+              "unlearn_retain_loss": unlearned_retain_loss,
+              "example_lambda": example_lambda, "example_weights": flat_weights(example_model)}
     if dist.get_rank() == 0:
         torch.save(result, out_dir / "zero3.pt")
 
