@@ -64,6 +64,19 @@ def hidden_dot(hidden, vector):
     return out
 
 
+def column_sum(matrix, dtype):
+    """``matrix.sum(0)`` accumulated in ``dtype``. On the CPU, ``sum(dtype=...)`` of a half-precision matrix first
+    copies all of it to ``dtype`` (a float32 copy of a bfloat16 LM head is twice the head), so there the rows are
+    upcast ``UPCAST_CHUNK_BYTES`` at a time; a GPU reduction casts as it reads."""
+    if matrix.dtype == dtype or matrix.is_cuda:
+        return matrix.sum(0, dtype=dtype)
+    rows = max(1, UPCAST_CHUNK_BYTES // (matrix.shape[1] * torch.finfo(dtype).bits // 8))
+    total = matrix.new_zeros(matrix.shape[1], dtype=dtype)
+    for start in range(0, matrix.shape[0], rows):
+        total += matrix[start:start + rows].sum(0, dtype=dtype)
+    return total
+
+
 def masked_square(gap, mask):
     """The per-token loss from the gap ``max - mean``: zero where ``mask`` is False."""
     loss = gap.square()
@@ -96,7 +109,7 @@ class LinearLMFFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, mask, vocab_size, backend, chunk_size):
         acc = stat_dtype(hidden.dtype)
-        weight_mean = weight[:vocab_size].sum(0, dtype=acc) / vocab_size
+        weight_mean = column_sum(weight[:vocab_size], acc) / vocab_size
         row_max, argmax = ops.lmf_forward(hidden, weight, bias, vocab_size, backend, chunk_size)
         row_mean = hidden_dot(hidden, weight_mean)
         if bias is not None:

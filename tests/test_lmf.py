@@ -231,6 +231,22 @@ def test_half_precision_mean_is_upcast_in_chunks(monkeypatch):
     assert_close("mean", got, reference, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_weight_column_sum_is_upcast_in_chunks(monkeypatch, dtype):
+    """The weight's row mean of a half-precision head is summed in float32 a few rows at a time (ragged last
+    chunk), never as one float32 copy of the weight; the same sum as in one go."""
+    _, weight, _ = head_inputs(1, 16, 41, dtype)
+    whole = ceu.lmf.column_sum(weight, torch.float32)
+    monkeypatch.setattr(ceu.lmf, "UPCAST_CHUNK_BYTES", 3 * 16 * 4)
+    upcasts = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **k: upcasts.append(t.shape[0]) or real_sum(t, *a, **k))
+    chunked = ceu.lmf.column_sum(weight, torch.float32)
+    assert upcasts == ([3] * 13 + [2] if dtype != torch.float32 else [41])
+    assert_close("column sum", chunked, weight.double().sum(0), torch.float32)
+    assert_close("column sum in one go", whole, weight.double().sum(0), torch.float32)
+
+
 @pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
 @pytest.mark.parametrize("autocast_dtype", AUTOCAST_DTYPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
