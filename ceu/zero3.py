@@ -5,6 +5,7 @@ fused losses read the head's weight outside the head's forward, so they see an e
 puts a stand-in head in the model for the duration of a loss: its weight and bias are full copies gathered from the
 ranks, differentiable, whose gradient goes back to the partitioned parameter with the parameter gathered again, as
 ZeRO's own gradient hooks expect (they reduce-scatter it). Nothing changes for a model ZeRO-3 does not partition.
+After training, :func:`release` turns the model back into an ordinary one for evaluation and saving.
 """
 import contextlib
 import sys
