@@ -66,6 +66,23 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return outputs.logits
 
 
+def pair_hidden_states(model, forget: dict, retain: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states of a forget and a retain batch from one forward over both, right-padded to a common
+    length, each returned in its own shape. Right padding changes nothing before it (causal attention, padding
+    masked). One forward instead of two: as fast on SmolLM2-135M on a CPU (measured: a tie, with the retain batch
+    padded by an eighth), half the kernel launches of small micro-batches, one FSDP all-gather per layer, not two."""
+    forget_rows, forget_length = forget["input_ids"].shape
+    retain_length = retain["input_ids"].shape[1]
+    length = max(forget_length, retain_length)
+
+    def stacked(key):
+        return torch.cat([torch.nn.functional.pad(forget[key], (0, length - forget_length)),
+                          torch.nn.functional.pad(retain[key], (0, length - retain_length))])
+
+    hidden = final_hidden_states(model, stacked("input_ids"), stacked("attention_mask"))
+    return hidden[:forget_rows, :forget_length], hidden[forget_rows:, :retain_length]
+
+
 def is_dtensor(tensor: torch.Tensor) -> bool:
     if not dist.is_available():
         return False
@@ -127,12 +144,12 @@ def pdu_losses(model, forget: dict, retain: dict, config: UnlearnConfig,
     answer tokens of the global micro-batch`` the mean over data-parallel ranks (DDP's and FSDP's gradient average, the
     all-reduced retain loss) is the global micro-batch's token-mean, however unevenly the ranks' tokens fall.
     """
-    forget_hidden = final_hidden_states(model, forget["input_ids"], forget["attention_mask"])
+    forget_hidden, retain_hidden = pair_hidden_states(model, forget, retain)
     weight, bias = head_parameters(model, forget_hidden.dtype)
     forget_mask = forget_answer_mask(forget["labels"], config)
     if config.forget_mask == "shifted":
         forget_hidden = forget_hidden[:, :-1]
-    retain_hidden = final_hidden_states(model, retain["input_ids"], retain["attention_mask"])[:, :-1]
+    retain_hidden = retain_hidden[:, :-1]
     retain_targets = retain["labels"][:, 1:]
     if config.empty_batch == "zero" and token_scales is None:
         forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, impl=config.impl)

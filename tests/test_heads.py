@@ -112,7 +112,24 @@ def test_unlearn_turns_gradient_checkpointing_on_and_trains_the_same_model():
         model = tiny_model()
         unlearn(model, samples, qa_samples(4, seed=1),
                 UnlearnConfig(epochs=1, batch_size=2, lr=1e-3, progress=False, gradient_checkpointing=checkpointing))
-        assert model.is_gradient_checkpointing == checkpointing
+        assert model.is_activation_checkpointing == checkpointing
         models[checkpointing] = model
     for (name, trained), checkpointed in zip(models[False].named_parameters(), models[True].parameters()):
         assert_close(name, checkpointed.detach(), trained.detach(), torch.float32)
+
+
+def test_one_forward_over_both_batches_gives_each_its_own_hidden_states():
+    from ceu.heads import pair_hidden_states
+
+    model = tiny_model()
+    forget, retain = pad_batch(qa_samples(2, answer=6), 0), pad_batch(qa_samples(3, seed=1), 0)
+    assert forget["input_ids"].shape[1] > retain["input_ids"].shape[1]  # the retain batch is padded to the forget's
+    forwards = []
+    model.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    forget_hidden, retain_hidden = pair_hidden_states(model, forget, retain)
+    assert len(forwards) == 1
+    for batch, hidden in ((forget, forget_hidden), (retain, retain_hidden)):
+        alone = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        assert hidden.shape == alone.shape
+        mask = batch["attention_mask"].bool()
+        assert_close("hidden states", hidden[mask], alone[mask], torch.float32)
