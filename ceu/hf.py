@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ceu.config import UnlearnConfig
 from ceu.data import check_answer_tokens, check_not_empty, pad_batch
 from ceu.distributed import distributed_mean
+from ceu.files import replacing
 from ceu.methods import Objective, global_scales
 from ceu.primal_dual import PrimalDual
 from ceu.runlog import log_record, open_log, write_record
@@ -231,7 +232,8 @@ class PrimalDualTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            torch.save(self.primal_dual.state_dict(), folder / PRIMAL_DUAL_FILE)
+            with replacing(folder / PRIMAL_DUAL_FILE) as temporary:  # a failed write leaves no partial file
+                torch.save(self.primal_dual.state_dict(), temporary)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if resume_from_checkpoint is True:

@@ -23,6 +23,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from ceu.files import write_text
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DEMO_RESULTS = REPO / "tests" / "fixtures" / "demo_results.json"
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
             parser.error("--check and --record exclude each other")
         results = json.loads(args.record.read_text())
         record = {"provenance": provenance(args.record, args.command, args.git_sha, args.note), "results": results}
-        DEMO_RESULTS.write_text(json.dumps(record, indent=2) + "\n")
+        write_text(DEMO_RESULTS, json.dumps(record, indent=2) + "\n")
         print(f"kept {args.record} as {DEMO_RESULTS.relative_to(REPO)}")
     record = json.loads(DEMO_RESULTS.read_text())
     text = README.read_text()
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
             return 1
         return 0
     if rendered != text:
-        README.write_text(rendered)
+        write_text(README, rendered)
         print("README.md rewritten")
     return 0
 
