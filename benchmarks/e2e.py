@@ -10,16 +10,17 @@ dequantised; tied embeddings, V 49152) with 8 forget + 8 retain sequences of 256
 
 runs every variant in a fresh process (peak memory from the resident set: :mod:`benchmarks.memory`) and prints a
 Markdown table: median time per step, speed against eager in the same run, and peak memory over the model+optimizer
-state (the probe starts once the AdamW state exists, with no gradient held), with its ratio to eager's. About 7
-minutes on 2 cores (3 steps of each variant, each step 15-40 s); ``--steps 2`` for less. ``--dry-run`` does the same on a tiny random-weight Llama in seconds. Both variants start from the same weights
-and batches, so their first-step losses must agree.
+state (the probe starts once the AdamW state exists, with no gradient held), with its ratio to eager's. An estimate
+of 6-9 minutes on 2 quiet cores (2 steps of each variant, 20-50 s each; not measured at full size here).
+``--dry-run`` does the same on a tiny random-weight Llama in seconds; ``--batch``/``--seq-len`` shrink any shape.
+Every variant starts from the same weights and batches, so their first-step losses must agree.
 """
 import argparse
 import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ def _llama(hidden, intermediate, layers, heads, kv_heads, vocab) -> dict:
 
 
 E2E_SHAPES = {
-    "smollm2-135m": ModelShape("smollm2-135m", SMOLLM2, 8, 256, "float32", 3),
+    "smollm2-135m": ModelShape("smollm2-135m", SMOLLM2, 8, 256, "float32", 2),
     "llama-3.2-1b": ModelShape("llama-3.2-1b", _llama(2048, 8192, 16, 32, 8, 128256), 8, 1024, "bfloat16", 5),
     # the CPU suite's: Llama-3.2-1B's vocabulary (the part the fused losses change) on a narrow, shallow body
     "llama-3.2-1b-cpu": ModelShape("llama-3.2-1b-cpu", _llama(256, 704, 2, 4, 2, 128256), 2, 256, "float32", 3),
@@ -168,11 +169,9 @@ def run_variant(shape: ModelShape, variant: str, device: torch.device, impl: str
     return row
 
 
-def run_isolated(shape: str, variant: str, threads: int | None, steps: int | None, timeout_s: float) -> dict:
+def run_isolated(shape: str, variant: str, options: list[str], timeout_s: float) -> dict:
     """One variant in a fresh Python process (nothing of another variant resident), its row parsed from stdout."""
-    command = [sys.executable, "-m", "benchmarks.e2e", "--shape", shape, "--variant", variant]
-    command += ["--threads", str(threads)] if threads else []
-    command += ["--steps", str(steps)] if steps else []
+    command = [sys.executable, "-m", "benchmarks.e2e", "--shape", shape, "--variant", variant, *options]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -226,21 +225,25 @@ def main() -> None:
     parser.add_argument("--impl", default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--steps", type=int, help="timed steps (default: the shape's)")
+    parser.add_argument("--batch", type=int, help="sequences per batch (default: the shape's)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the shape's)")
     parser.add_argument("--dry-run", action="store_true", help="the tiny random-weight shape, to check the code")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per variant (default: 600)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = E2E_SHAPES["tiny" if args.dry_run else args.shape]
-    if args.steps:
-        shape = ModelShape(shape.name, shape.llama, shape.batch, shape.seq_len, shape.dtype, args.steps)
+    overrides = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len}
+    shape = replace(shape, **{name: value for name, value in overrides.items() if value})
     if args.variant:  # the subprocess entry, on the CPU: one variant, its row as one JSON line
         row = run_variant(shape, args.variant, torch.device("cpu"), args.impl)
         print(ROWS_MARKER + json.dumps(row), flush=True)
         return
     started, rows = time.perf_counter(), []
+    settings = {**overrides, "threads": args.threads}
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in settings.items() if value]
     for variant in VARIANTS:
-        rows.append(run_isolated(shape.name, variant, args.threads, args.steps, args.timeout))
+        rows.append(run_isolated(shape.name, variant, options, args.timeout))
         print(f"[{time.perf_counter() - started:5.0f} s] {variant}: "
               + (f"{rows[-1]['median_ms']:.0f} ms" if rows[-1].get("status") == "ok" else rows[-1]["status"]),
               file=sys.stderr, flush=True)
