@@ -2,8 +2,10 @@
 ``[tokens, V]`` logits, following :class:`ceu_kernels.contract.Backend`.
 
 Each chunk of tokens runs one GEMM into a logits buffer that is allocated once and reused, so the extra memory is
-bounded by ``CHUNK_BUDGET_BYTES`` whatever the number of tokens. The LMF backward is the closed form and runs no GEMM.
-The GEMMs run in the inputs' dtype, so half-precision logits are rounded before the max and the softmax.
+bounded by :func:`~ceu_kernels.contract.chunk_rows` (``CHUNK_BUDGET_BYTES``, and no more than the head's weight)
+whatever the number of tokens. The LMF backward is the closed form and runs no GEMM. The GEMMs run in the inputs'
+dtype, so half-precision logits are rounded before the max and the softmax. The cross-entropy loop with the
+gradients formed in the forward (:func:`fused_ce_loop`) is also the Triton and CUDA backends', with their row kernels.
 
 It lives in ``ceu_kernels`` because it is a backend like the Triton and CUDA ones, selected by the same name
 registry and held to the same contract; ``ceu.chunked`` still imports it for existing callers. Plain PyTorch only:
