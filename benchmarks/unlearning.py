@@ -45,17 +45,17 @@ SEEDS = (0, 1, 2)
 # this fraction of the learned model's, and the retain loss within ε at the end.
 GOAL_FORGET_QUALITY, GOAL_UTILITY_RATIO = 0.05, 0.95
 BLOCK = "unlearning-comparison"
-# The sweep PDU's settings on this benchmark come from (`--sweep`: seed 0, forget10; changes to the embedded default
-# ceu.cli.EMBEDDED): one change at a time of its bound, forget weight, dual step, initial λ, LR and epochs, then
-# combinations around the best trade-off. README, "PDU against the baselines", gives the numbers.
+# The sweep PDU's embedded settings come from (`--sweep`: seed 0, forget10; changes to the settings it started from,
+# SWEEP_START over ceu.cli.EMBEDDED): one change at a time of its bound, forget weight, dual step, initial λ, LR and
+# epochs, then combinations around the best trade-off. Its choice, forget weight 0.3 and λ₀ 300, is in
+# ceu.cli.EMBEDDED; README, "PDU against the baselines", gives the numbers.
+SWEEP_START = {"forget_weight": 1.0, "lambda_init": 100.0}
 SWEEP = ({}, {"epsilon": 0.005}, {"epsilon": 0.05}, {"forget_weight": 0.3}, {"dual_lr": 5.0}, {"lambda_init": 300.0},
          {"lr": 1e-4}, {"lr": 5e-5}, {"epochs": 10.0}, {"epochs": 15.0}, {"lr": 5e-5, "epochs": 10.0},
          {"epochs": 60.0}, {"lr": 4e-4}, {"epochs": 60.0, "lambda_init": 300.0}, {"lr": 4e-4, "lambda_init": 300.0},
          {"forget_weight": 0.3, "lambda_init": 300.0}, {"forget_weight": 0.3, "lambda_init": 300.0, "lr": 3e-4},
          {"forget_weight": 0.3, "lambda_init": 300.0, "epochs": 45.0}, {"forget_weight": 0.1, "lambda_init": 300.0},
          {"forget_weight": 0.3, "lambda_init": 300.0, "dual_warmup_epochs": 0.0})
-# What the sweep chose (the changes to ceu.cli.EMBEDDED PDU runs with here): see the README.
-PDU_CHOSEN = {"forget_weight": 0.3, "lambda_init": 300.0}
 METRICS = [  # (key, column, format of one value)
     ("forget_quality", "forget quality", "{:.2g}"),
     ("utility_ratio", "model utility / learned", "{:.3f}"),
@@ -123,13 +123,14 @@ def training_settings(epochs: float | None = None) -> dict:
 
 
 def method_settings(method: str, pdu_changes: dict | None = None) -> dict:
-    """A method's own settings on the embedded benchmark: PDU's are the embedded default's λ₀, η_λ, ε and dual warm-up
-    with ``pdu_changes`` (default :data:`PDU_CHOSEN`; a sweep point); the others their defaults
+    """A method's own settings on the embedded benchmark: PDU's are the embedded default's λ₀, η_λ, ε, dual warm-up and
+    forget weight with ``pdu_changes`` (``--pdu`` overrides, or a sweep point); the others their defaults
     (:data:`ceu.methods.DEFAULTS`). ε is PDU's for every method, as the bound the table reports against."""
     from ceu.cli import EMBEDDED
 
-    pdu = {name: EMBEDDED[name] for name in ("lambda_init", "dual_lr", "epsilon", "dual_warmup_epochs")}
-    pdu.update(PDU_CHOSEN if pdu_changes is None else pdu_changes)
+    pdu = {name: EMBEDDED[name] for name in ("lambda_init", "dual_lr", "epsilon", "dual_warmup_epochs",
+                                             "forget_weight")}
+    pdu.update(pdu_changes or {})
     return pdu if method == "pdu" else {"method": method, "epsilon": pdu["epsilon"]}
 
 
@@ -188,6 +189,7 @@ class Bench:
         return block
 
     def run(self, method: str, seed: int, epochs: float | None, log_dir: Path, pdu_changes: dict | None) -> dict:
+        from ceu.cli import EMBEDDED
         from ceu.config import UnlearnConfig
         from ceu.eval import evaluate_model
         from ceu.heads import dataset_loss
@@ -203,8 +205,9 @@ class Bench:
         log = evaluate_model(model, self.tokenizer, self.eval_sets, self.template, impl="torch")
         retain_loss = dataset_loss(model, self.retain_samples, self.tokenizer.pad_token_id, impl="torch")
         block = self.score(model, log, retain_loss)
+        changed = {name: value for name, value in (pdu_changes or {}).items() if EMBEDDED.get(name) != value}
         label = method if method != "pdu" or pdu_changes is None else \
-            "pdu " + (", ".join(f"{name}={value:g}" for name, value in pdu_changes.items()) or "(embedded default)")
+            "pdu " + (", ".join(f"{name}={value:g}" for name, value in changed.items()) or "(embedded default)")
         return {**block, "epsilon": result.epsilon, "within_epsilon": retain_loss <= result.epsilon,
                 "final_lambda": result.final_lambda, "steps": result.steps, "wall_time_s": wall_time,
                 "method": label, "seed": seed, "split": self.split,
@@ -317,15 +320,15 @@ def run(args) -> dict:
         stage = stage_one(Path(temporary), epochs=2, progress=False) if args.dry_run else stage_one(progress=False)
         results = {"command": " ".join(["python -m benchmarks unlearning", *args.argv]), "splits": args.splits,
                    "methods": args.methods, "seeds": args.seeds, "training": training_settings(args.epochs),
-                   "method_settings": {method: method_settings(method, {**PDU_CHOSEN, **args.pdu})
+                   "method_settings": {method: method_settings(method, args.pdu)
                                        for method in args.methods},
                    "runs": [], "reference": {}}
         start = time.perf_counter()
         for split in args.splits:
             bench = Bench(stage, split, eval_limit=8 if args.dry_run else None)
             results["reference"][split] = bench.reference
-            plan = [("pdu", changes) for changes in SWEEP] if args.sweep else \
-                [(method, {**PDU_CHOSEN, **args.pdu} if args.pdu else None) for method in args.methods]
+            plan = [("pdu", {**SWEEP_START, **changes}) for changes in SWEEP] if args.sweep else \
+                [(method, args.pdu or None) for method in args.methods]
             for method, overrides in plan:
                 for seed in args.seeds:
                     run = bench.run(method, seed, args.epochs, args.out, overrides)
