@@ -325,16 +325,17 @@ def test_every_ignored_label_gives_zero_connected_gradients_formed_in_the_forwar
     assert not grad_hidden[labels == 3].any() and grad_hidden[labels != 3].abs().sum(1).min() > 0
 
 
-def test_the_fused_op_is_a_well_formed_custom_op():
-    """The custom op ceu::ce_forward_backward: schema, fake (meta) kernel and real kernel agree, so
-    torch.compile(fullgraph=True) traces it as one opaque node."""
+@pytest.mark.parametrize("device,impl", DEVICE_IMPLS)
+def test_the_fused_op_is_a_well_formed_custom_op(device, impl):
+    """The custom op ceu::ce_forward_backward on every backend: schema, fake (meta) kernel and real kernel agree,
+    so torch.compile(fullgraph=True) traces it as one opaque node."""
     from ceu import ops
 
-    hidden, weight, bias = head_inputs(6, 8, 20, torch.float32, bias=True)
-    labels = make_labels((6,), 18, "cpu")
+    hidden, weight, bias = head_inputs(6, 8, 20, torch.float32, device, bias=True)
+    labels = make_labels((6,), 18, device)
     for needs in ((True, True, True), (False, True, False)):
         torch.library.opcheck(ops.ce_forward_backward,
-                              (hidden, weight, bias, labels, 18, -100, "torch", 4, *needs),
+                              (hidden, weight, bias, labels, 18, -100, impl, 4, *needs),
                               test_utils=("test_schema", "test_faketensor"))
 
 
