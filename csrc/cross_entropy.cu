@@ -10,6 +10,7 @@
 #include <c10/macros/Macros.h>
 
 #include <limits>
+#include <type_traits>
 
 namespace ceu {
 namespace {
@@ -46,27 +47,42 @@ __device__ __forceinline__ LogSumExp<acc_t> merge(const LogSumExp<acc_t>& a, con
   return {max, a.sum * exp(a.max - max) + b.sum * exp(b.max - max)};
 }
 
-template <typename scalar_t>
-__global__ void ce_reduce_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t cols,
-                                 const int64_t* __restrict__ labels, int64_t ignore_index,
-                                 at::opmath_type<scalar_t>* __restrict__ loss,
-                                 at::opmath_type<scalar_t>* __restrict__ lse) {
+// One row of a chunk: its log-sum-exp and loss from one read of the row. With kWriteGradient (the gradients formed
+// in the forward), the row is then rewritten in place into softmax - onehot(label), zero at an ignored token (a
+// second read, in cache for rows that fit it, and the one write).
+template <typename scalar_t, bool kWriteGradient>
+__global__ void ce_rows_kernel(std::conditional_t<kWriteGradient, scalar_t, const scalar_t>* __restrict__ logits,
+                               int64_t row_stride, int64_t cols, const int64_t* __restrict__ labels,
+                               int64_t ignore_index, at::opmath_type<scalar_t>* __restrict__ loss,
+                               at::opmath_type<scalar_t>* __restrict__ lse) {
   using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t shared_lse;
   const int64_t row = blockIdx.x;
-  const scalar_t* row_logits = logits + row * row_stride;
+  auto* row_logits = logits + row * row_stride;
+  const int64_t label = labels[row];
+  const bool valid = label != ignore_index;
   LogSumExp<acc_t> state{-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
-  for_each_in_row(row_logits, cols, [&](int64_t, const scalar_t& x) { state.add(static_cast<acc_t>(x)); });
+  for_each_in_row(static_cast<const scalar_t*>(row_logits), cols,
+                  [&](int64_t, const scalar_t& x) { state.add(static_cast<acc_t>(x)); });
   state = block_reduce(state, [](const LogSumExp<acc_t>& a, const LogSumExp<acc_t>& b) { return merge(a, b); });
   if (threadIdx.x == 0) {
     const acc_t row_lse = state.value();
-    const int64_t label = labels[row];
     acc_t row_loss = 0;
-    if (label != ignore_index) {
+    if (valid) {
       CUDA_KERNEL_ASSERT(0 <= label && label < cols);
       row_loss = row_lse - static_cast<acc_t>(row_logits[label]);
     }
     lse[row] = row_lse;
     loss[row] = row_loss;
+    shared_lse = row_lse;
+  }
+  if constexpr (kWriteGradient) {
+    __syncthreads();
+    const acc_t row_lse = shared_lse;
+    for_each_in_row(row_logits, cols, [&](int64_t j, scalar_t& x) {
+      const acc_t probability = exp(static_cast<acc_t>(x) - row_lse);
+      x = static_cast<scalar_t>(valid ? (j == label ? probability - acc_t(1) : probability) : acc_t(0));
+    });
   }
 }
 
@@ -86,47 +102,14 @@ __global__ void ce_grad_kernel(scalar_t* __restrict__ logits, int64_t row_stride
   });
 }
 
-// One row of a chunk, the gradients formed in the forward: the log-sum-exp and the loss (as ce_reduce_kernel, one
-// read of the row), then the row rewritten in place into softmax - onehot(label), zero at an ignored token (a
-// second read, in cache for rows that fit it, and the one write).
-template <typename scalar_t>
-__global__ void ce_fused_grad_kernel(scalar_t* __restrict__ logits, int64_t row_stride, int64_t cols,
-                                     const int64_t* __restrict__ labels, int64_t ignore_index,
-                                     at::opmath_type<scalar_t>* __restrict__ loss,
-                                     at::opmath_type<scalar_t>* __restrict__ lse) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t shared_lse;
-  const int64_t row = blockIdx.x;
-  scalar_t* row_logits = logits + row * row_stride;
-  const int64_t label = labels[row];
-  const bool valid = label != ignore_index;
-  LogSumExp<acc_t> state{-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
-  for_each_in_row(static_cast<const scalar_t*>(row_logits), cols,
-                  [&](int64_t, const scalar_t& x) { state.add(static_cast<acc_t>(x)); });
-  state = block_reduce(state, [](const LogSumExp<acc_t>& a, const LogSumExp<acc_t>& b) { return merge(a, b); });
-  if (threadIdx.x == 0) {
-    const acc_t row_lse = state.value();
-    acc_t row_loss = 0;
-    if (valid) {
-      CUDA_KERNEL_ASSERT(0 <= label && label < cols);
-      row_loss = row_lse - static_cast<acc_t>(row_logits[label]);
-    }
-    lse[row] = row_lse;
-    loss[row] = row_loss;
-    shared_lse = row_lse;
-  }
-  __syncthreads();
-  const acc_t row_lse = shared_lse;
-  for_each_in_row(row_logits, cols, [&](int64_t j, scalar_t& x) {
-    const acc_t probability = exp(static_cast<acc_t>(x) - row_lse);
-    x = static_cast<scalar_t>(valid ? (j == label ? probability - acc_t(1) : probability) : acc_t(0));
-  });
-}
-
 }  // namespace
 
-void ce_reduce(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const at::Tensor& loss,
-               const at::Tensor& lse) {
+namespace {
+
+// The launch shared by ce_reduce and ce_fused_grad_ (the same kernel, with and without the in-place rewrite).
+template <bool kWriteGradient>
+void ce_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const at::Tensor& loss,
+             const at::Tensor& lse) {
   check_rows(logits, "logits");
   const int64_t rows = logits.size(0);
   const int64_t cols = logits.size(1);
@@ -141,13 +124,31 @@ void ce_reduce(const at::Tensor& logits, const at::Tensor& labels, int64_t ignor
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int threads = threads_for_row(cols, logits.element_size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_reduce", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_rows", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    ce_reduce_kernel<scalar_t><<<grid_for_rows(rows), threads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), logits.stride(0), cols, labels.const_data_ptr<int64_t>(), ignore_index,
-        loss.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
+    std::conditional_t<kWriteGradient, scalar_t, const scalar_t>* data;
+    if constexpr (kWriteGradient) {
+      data = logits.mutable_data_ptr<scalar_t>();
+    } else {
+      data = logits.const_data_ptr<scalar_t>();
+    }
+    ce_rows_kernel<scalar_t, kWriteGradient><<<grid_for_rows(rows), threads, 0, stream>>>(
+        data, logits.stride(0), cols, labels.const_data_ptr<int64_t>(), ignore_index, loss.mutable_data_ptr<acc_t>(),
+        lse.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+}  // namespace
+
+void ce_reduce(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const at::Tensor& loss,
+               const at::Tensor& lse) {
+  ce_rows<false>(logits, labels, ignore_index, loss, lse);
+}
+
+void ce_fused_grad_(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const at::Tensor& loss,
+                    const at::Tensor& lse) {
+  ce_rows<true>(logits, labels, ignore_index, loss, lse);
 }
 
 void ce_grad_(const at::Tensor& logits, const at::Tensor& labels, int64_t column_offset, const at::Tensor& lse,
@@ -170,31 +171,6 @@ void ce_grad_(const at::Tensor& logits, const at::Tensor& labels, int64_t column
     ce_grad_kernel<scalar_t><<<grid_for_rows(rows), threads, 0, stream>>>(
         logits.mutable_data_ptr<scalar_t>(), logits.stride(0), cols, labels.const_data_ptr<int64_t>(), column_offset,
         lse.const_data_ptr<acc_t>(), token_grad.const_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void ce_fused_grad_(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const at::Tensor& loss,
-                    const at::Tensor& lse) {
-  check_rows(logits, "logits");
-  const int64_t rows = logits.size(0);
-  const int64_t cols = logits.size(1);
-  TORCH_CHECK(cols > 0, "logits must have at least one column");
-  const auto acc_type = at::toOpMathType(logits.scalar_type());
-  check_vector(labels, "labels", at::kLong, rows, logits.device());
-  check_vector(loss, "loss", acc_type, rows, logits.device());
-  check_vector(lse, "lse", acc_type, rows, logits.device());
-  if (rows == 0) {
-    return;
-  }
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int threads = threads_for_row(cols, logits.element_size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_fused_grad_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    ce_fused_grad_kernel<scalar_t><<<grid_for_rows(rows), threads, 0, stream>>>(
-        logits.mutable_data_ptr<scalar_t>(), logits.stride(0), cols, labels.const_data_ptr<int64_t>(), ignore_index,
-        loss.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
