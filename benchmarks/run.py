@@ -39,7 +39,7 @@ class Suite:
         self.isolate = self.device.type == "cpu" and name == "cpu"
         self.budget = BUDGETS["dry-run" if dry_run else name]
         self.cases = (cpu_cases if name == "cpu" else gpu_cases)(tiny=dry_run)
-        self.e2e_shape = e2e.E2E_SHAPES["tiny" if dry_run else "llama-3.2-1b" if name == "gpu" else "llama-3.2-1b-cpu"]
+        self.e2e_shape = e2e.E2E_SHAPES["tiny" if dry_run else "llama-3.2-1b" if name == "gpu" else "smollm2-135m"]
         self.time_budget_s, self.providers = time_budget_s, providers
         self.started = time.monotonic()
         self.rows, self.e2e_rows, self.not_run = [], [], []
