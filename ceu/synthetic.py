@@ -11,7 +11,6 @@ Stage one trains the "learned" model on everything (as TOFU fine-tunes on its fu
 everything but forget10; both are cached (``$CEU_CACHE``, else ``~/.cache/ceu``) so later runs skip them.
 """
 import json
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -19,11 +18,9 @@ from pathlib import Path
 
 import torch
 
-from tqdm.auto import tqdm
-
-from ceu.data import QATemplate, pad_batch, tokenize_qa
-from ceu.heads import answer_token_losses
-from ceu.schedule import lr_factor
+from ceu.data import QATemplate, tokenize_qa
+from ceu.files import write_text
+from ceu.finetune import fit
 
 VERSION = 1
 TEMPLATE = QATemplate(prompt="question : {question} answer :")
@@ -97,9 +94,21 @@ def _wrong_values(rng: random.Random, pool, right, count: int = 3) -> list:
     return rng.sample(sorted({value for value in pool if value != right}), count)
 
 
+# Each fact needs 3 wrong values besides the right one (4 books from 2 authors) and each retain split an author; the
+# book titles ("the <adjective> <noun>", 256 of them, two per author, all different) run out beyond 128 authors.
+MIN_AUTHORS, MAX_AUTHORS = 2, len(ADJECTIVES) * len(NOUNS) // 2
+
+
+def check_n_authors(n_authors) -> None:
+    if not (isinstance(n_authors, int) and MIN_AUTHORS <= n_authors <= MAX_AUTHORS):
+        raise ValueError(f"the synthetic world has {MIN_AUTHORS} to {MAX_AUTHORS} authors (each needs two of its "
+                         f"{MAX_AUTHORS * 2} book titles), got {n_authors!r}")
+
+
 def make_world(n_authors: int = 40, seed: int = 0) -> dict[str, list[dict]]:
     """The fictitious world's splits, in TOFU format: ``full``, ``forget01/05/10``, ``retain99/95/90``,
     ``real_authors`` and ``world_facts``. Deterministic in ``seed``."""
+    check_n_authors(n_authors)
     rng = random.Random(seed)
     words = _Words(rng)
     cities = [words.word(2) for _ in range(16)]
@@ -165,14 +174,14 @@ TOFU_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
 def export_world(folder: str | Path, world: dict[str, list[dict]]) -> list[Path]:
     """Write ``world`` (from :func:`make_world`) as a data folder that ``ceu unlearn --data FOLDER`` reads:
     ``<split>.json`` in TOFU's own layout (JSON Lines, TOFU's fields) for every split and for the eval splits
-    (``EVAL_SPLITS``). Returns the files written."""
+    (``EVAL_SPLITS``), each written atomically. Returns the files written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     splits = {**world, **{name: world[source] for name, source in EVAL_SPLITS.items()}}
     written = []
     for name, records in splits.items():
         path = folder / f"{name}.json"
-        path.write_text("".join(json.dumps({key: record[key] for key in TOFU_FIELDS}) + "\n" for record in records))
+        write_text(path, "".join(json.dumps({key: record[key] for key in TOFU_FIELDS}) + "\n" for record in records))
         written.append(path)
     return written
 
@@ -218,45 +227,9 @@ class TinyLlama:
         return LlamaForCausalLM(config)
 
 
-def fit(model, samples: list[dict], pad_token_id: int, epochs: int = 60, lr: float = 3e-3, batch_size: int = 32,
-        seed: int = 0, progress: bool = True, desc: str = "learn") -> float:
-    """Stage one: train on the answers with the fused cross-entropy (AdamW, cosine LR); returns the last epoch's loss.
-
-    Plain fine-tuning from scratch, not unlearning: one loss over one set, no forget/retain pairs, no λ, no data
-    parallelism, so it is not :func:`ceu.unlearn` (which would run a dead forget forward per step, γ = 0, and count
-    its epochs over a forget set). It keeps the schedule its cached models were trained with (warm-up ``(k+1)/w`` over
-    the first epoch, decay on all weights): changing it would make a cold run differ from the cache.
-    """
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(samples) / batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    total_steps, warmup_steps = epochs * steps_per_epoch, steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warmup_steps
-                                                  if step < warmup_steps
-                                                  else lr_factor(step, total_steps, warmup_steps, "cosine"))
-    model.train()
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        order = torch.randperm(len(samples), generator=generator).tolist()
-        epoch_loss = torch.zeros((), device=device)
-        for start in range(0, len(samples), batch_size):
-            batch = pad_batch([samples[i] for i in order[start:start + batch_size]], pad_token_id)
-            batch = {key: value.to(device) for key, value in batch.items()}
-            losses, mask = answer_token_losses(model, batch)
-            loss = losses.sum() / mask.sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            epoch_loss += loss.detach()
-        bar.set_postfix(loss=f"{epoch_loss.item() / steps_per_epoch:.4f}")
-    model.eval()
-    return epoch_loss.item() / steps_per_epoch
-
-
 def cache_root() -> Path:
+    """Where ceu caches what runs repeat (stage-one models, evaluations): ``$CEU_CACHE``, else
+    ``$XDG_CACHE_HOME/ceu`` (``~/.cache/ceu``)."""
     if os.environ.get("CEU_CACHE"):
         return Path(os.environ["CEU_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ceu"

@@ -18,6 +18,16 @@ def test_world_is_deterministic_with_tofu_splits():
         assert qa["paraphrased_answer"] not in qa["perturbed_answer"]
 
 
+def test_world_size_is_bounded_by_what_it_can_draw():
+    """Beyond 128 authors the book titles run out (the draw would loop for ever); below 2 a retain split is empty."""
+    for n_authors in (1, 129):
+        with pytest.raises(ValueError, match=f"2 to 128 authors .*got {n_authors}"):
+            make_world(n_authors=n_authors)
+    for n_authors in (2, 128):
+        world = make_world(n_authors=n_authors)
+        assert len(world["full"]) == 8 * n_authors and world["retain99"] and world["forget01"]
+
+
 def test_tokenizer_covers_every_word():
     world = make_world(n_authors=10)
     tokenizer = build_tokenizer(world)
