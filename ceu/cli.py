@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -24,10 +25,19 @@ LM head without materialising the logits.
                          the same job on a Hugging Face causal LM and TOFU (hub name, or a folder of <split>.json)
   ceu eval --tofu-log MODEL.json --retain-log RETAIN.json
                          TOFU's model utility and forget quality from TOFU-format evaluation logs
+  ceu finetune --model PATH --data DATA --split full --output-dir LEARNED
+                         fine-tune a causal LM on a QA set's answers (the "learned" model TOFU unlearns from; with
+                         --split retain90, its gold retain model), saved with its tokenizer as a model folder
+  ceu export-synthetic --output-dir DATA
+                         write the embedded default's synthetic QA set as a TOFU-format --data folder
   torchrun --nproc_per_node 8 -m ceu unlearn --model PATH [--parallel fsdp] ...
                          data parallel over 8 GPUs (DDP, or FSDP2 for models too large to replicate)
   accelerate launch --multi_gpu --num_processes 8 -m ceu unlearn --trainer hf --model PATH ...
                          the same with transformers.Trainer under accelerate
+
+Before training, ceu unlearn prints its plan and warns when too few optimizer steps follow the dual warm-up for lambda
+to move. It caches the evaluations of the learned and retain-only models, keyed by their weights, the data and the
+settings (--no-eval-cache measures them again); the unlearned model is always measured.
 """
 
 # Settings of the embedded default (a ~0.4M-parameter model learns much faster than a 7B one). The forget weight and
@@ -45,6 +55,15 @@ NEEDS_MODEL = ("tokenizer", "retain_model", "data", "forget_split", "retain_spli
 # What `ceu unlearn` writes in --output-dir: what --overwrite deletes first.
 OUTPUTS = ("results.json", "log.jsonl", "training.png", "eval_log_learned.json", "eval_log_unlearned.json",
            "eval_log_retain_model.json", "model", "trainer")
+COMMANDS = ("unlearn", "eval", "finetune", "export-synthetic")
+# `ceu finetune`'s training options: TOFU's fine-tuning settings for its 7B models (5 epochs, LR 1e-5, 16 samples per
+# step), with ceu.finetune.fit's schedule; the split is TOFU's whole set, as TOFU fine-tunes before unlearning.
+FINETUNE = dict(epochs=5, lr=1e-5, batch_size=16)
+FINETUNE_SPLIT = "full"
+# Fewer optimizer steps than this after the dual warm-up and `ceu unlearn` warns before training: λ gets too few
+# updates to find the weight that holds the retain loss at ε. The PDU authors' TOFU settings (10 epochs, batch 4, λ
+# held for 5) on a forget set of one micro-batch make 10 steps, 5 of them with λ moving.
+MIN_DUAL_STEPS = 20
 TOFU_EVAL_SPLITS = {"retain": ("retain", "retain_perturbed"), "real_authors": ("held", "real_authors_perturbed"),
                     "world_facts": ("held", "world_facts_perturbed")}
 
@@ -52,7 +71,7 @@ TOFU_EVAL_SPLITS = {"retain": ("retain", "retain_perturbed"), "real_authors": ("
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ceu", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{unlearn,eval}")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
 
     unlearn = commands.add_parser("unlearn", help="unlearn a forget set under a retain-loss bound (default command)",
                                   description="Unlearn a forget set with the primal-dual method. With no argument: "
@@ -72,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the training loop: ceu's own (default) or transformers.Trainer "
                                "(ceu.hf.PrimalDualTrainer; for accelerate launch, whose config rules the parallelism)")
     unlearn.add_argument("--no-save-model", action="store_true", help="do not save the unlearned model")
+    unlearn.add_argument("--no-eval-cache", action="store_true",
+                         help="evaluate the learned and retain-only models again instead of reusing their cached "
+                              "evaluations (default: off: reuse an evaluation of the same weights on the same data "
+                              "with the same settings, from <cache>/evals, $CEU_CACHE or ~/.cache/ceu)")
     unlearn.add_argument("--overwrite", action="store_true",
                          help=f"start afresh in a non-empty --output-dir: the files an earlier run wrote there "
                               f"({', '.join(OUTPUTS)}) and its step-*.pt / checkpoint-* in --checkpoint-dir are "
@@ -89,6 +112,52 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "none: no forget quality)")
     evaluate.add_argument("--overwrite", action="store_true",
                           help="replace an earlier eval.json in --output-dir (refused without it)")
+
+    finetune = commands.add_parser("finetune", help="fine-tune a causal LM on the answers of a QA set",
+                                   description="Fine-tune a causal LM on the answers of TOFU-format QA splits "
+                                               "(AdamW, one epoch of warm-up, cosine decay, the fused cross-entropy) "
+                                               "and save it with its tokenizer in --output-dir, a model folder that "
+                                               "`ceu unlearn --model` reads. The defaults are TOFU's fine-tuning "
+                                               "settings for its 7B models; a small model wants a larger --lr.")
+    model = finetune.add_argument_group("model and data")
+    model.add_argument("--model", required=True, help="model to fine-tune: Hugging Face hub name or folder, a GGUF "
+                                                      "file, or a folder holding one GGUF file (required, no default)")
+    model.add_argument("--data", default=DATA_DEFAULTS["data"],
+                       help=f"TOFU-format data: hub name or a folder of <split>.json(l) (default: "
+                            f"{DATA_DEFAULTS['data']})")
+    model.add_argument("--split", action="append",
+                       help=f"split to train on; repeat to train on several together (default: {FINETUNE_SPLIT}, "
+                            "TOFU's whole set)")
+    _add_tokenizing_arguments(model)
+    training = finetune.add_argument_group("training")
+    training.add_argument("--epochs", type=positive_int, default=FINETUNE["epochs"],
+                          help=f"passes over the data (default: {FINETUNE['epochs']})")
+    training.add_argument("--lr", type=positive_float, default=FINETUNE["lr"],
+                          help=f"peak learning rate (AdamW, cosine decay after one epoch of warm-up; default: "
+                               f"{FINETUNE['lr']:g})")
+    training.add_argument("--batch-size", type=positive_int, default=FINETUNE["batch_size"],
+                          help=f"samples per optimizer step (default: {FINETUNE['batch_size']})")
+    training.add_argument("--seed", type=int, default=0, help="seed of the data order (default: 0)")
+    training.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    finetune.add_argument("--output-dir", type=Path, default=Path("runs") / "finetune",
+                          help="the model folder to write (default: runs/finetune)")
+    finetune.add_argument("--overwrite", action="store_true",
+                          help="replace the model an earlier `ceu finetune` saved in --output-dir (default: off: a "
+                               "non-empty --output-dir is refused; one that holds no config.json always is)")
+
+    export = commands.add_parser("export-synthetic", help="write the embedded synthetic QA set as a --data folder",
+                                 description="Write the embedded default's fictitious-author QA set (TOFU format: "
+                                             "full, forget01/05/10, retain99/95/90, the held sets and the "
+                                             "*_perturbed eval splits) as <split>.json files, a folder that "
+                                             "`ceu unlearn --data` and `ceu finetune --data` read.")
+    export.add_argument("--output-dir", type=Path, required=True, help="the data folder to write (required, no "
+                                                                       "default)")
+    export.add_argument("--authors", type=int, default=40,
+                        help="fictitious authors, 8 questions each (default: 40, the embedded default's)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the generated world (default: 0)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output-dir, replacing its <split>.json files (default: off: "
+                             "refused)")
     return parser
 
 
@@ -110,7 +179,6 @@ def _add_data_arguments(parser):
     model.add_argument("--model", help="model to unlearn or evaluate: Hugging Face hub name or folder, a GGUF file, "
                                        "or a folder holding one GGUF file (default: none: the embedded default's "
                                        "tiny Llama and synthetic data)")
-    model.add_argument("--tokenizer", help="tokenizer name, folder or GGUF file (default: --model)")
     model.add_argument("--retain-model", help="model trained without the forget set, for forget quality (default: "
                                               "none: no forget quality; the embedded default has its own)")
     model.add_argument("--data", help=f"TOFU-format data: hub name or a folder of <split>.json(l) (default: "
@@ -119,18 +187,24 @@ def _add_data_arguments(parser):
     model.add_argument("--retain-split", help=f"retain split (default: {DATA_DEFAULTS['retain_split']})")
     model.add_argument("--text", action="store_true",
                        help="MUSE-style raw text: the splits hold a 'text' field and every token counts")
-    model.add_argument("--chat-template", action="store_true", help="wrap questions with the tokenizer's chat "
-                                                                    "template")
-    model.add_argument("--system-prompt", metavar="TEXT",
-                       help="the chat template's system turn (implies --chat-template; default: the template's own, "
-                            "which many inject into every sample; an empty string drops it)")
-    model.add_argument("--max-length", type=positive_int, default=512, help="tokens per sample (default: 512)")
+    _add_tokenizing_arguments(model)
     model.add_argument("--impl", choices=CHOICES["impl"], default="auto",
                        help="fused-loss backend (default: auto)")
     model.add_argument("--threads", type=positive_int,
                        help="CPU threads for torch (default: torch's choice; embedded default: 1)")
     model.add_argument("--output-dir", type=Path, default=Path("runs") / "unlearn",
                        help="where results go (default: runs/unlearn)")
+
+
+def _add_tokenizing_arguments(group) -> None:
+    """How QA records become token ids, the same options for every command that reads them."""
+    group.add_argument("--tokenizer", help="tokenizer name, folder or GGUF file (default: --model)")
+    group.add_argument("--chat-template", action="store_true", help="wrap questions with the tokenizer's chat "
+                                                                    "template")
+    group.add_argument("--system-prompt", metavar="TEXT",
+                       help="the chat template's system turn (implies --chat-template; default: the template's own, "
+                            "which many inject into every sample; an empty string drops it)")
+    group.add_argument("--max-length", type=positive_int, default=512, help="tokens per sample (default: 512)")
 
 
 def positive_int(text: str) -> int:
@@ -144,9 +218,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in ("unlearn", "eval", "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["unlearn", *argv]  # `ceu [options]` is `ceu unlearn [options]`
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -156,12 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         config = check_arguments(args)
     except (ValueError, OSError) as error:
         parser.error(str(error))
+    if args.command == "export-synthetic":
+        return run_export(args)
     import torch
 
     if args.threads or args.model is None:
         torch.set_num_threads(args.threads or 1)  # the embedded model is too small to gain from more threads
     if args.command == "eval":
         return run_eval(args)
+    if args.command == "finetune":
+        return run_finetune(args)
     return run_unlearn(args, config)
 
 
@@ -170,6 +259,19 @@ def check_arguments(args) -> UnlearnConfig | None:
     default ignores them), a model path that does not exist, conflicting or invalid settings, an unreadable or
     mismatched ``--resume-from``, an output folder that holds an earlier run or cannot be written. Returns the run's
     config (``ceu unlearn``); fills in the data options' defaults."""
+    if args.command == "export-synthetic":
+        from ceu.synthetic import check_n_authors
+
+        try:
+            check_n_authors(args.authors)
+        except ValueError as error:
+            raise ValueError(f"argument --authors: {error}") from None
+        _check_output_dir(args.output_dir, fresh=not args.overwrite,
+                          remedy="pass --overwrite to replace its <split>.json files, or another --output-dir")
+        return None
+    if args.command == "finetune":
+        _check_finetune(args)
+        return None
     if args.model is None:
         given = [f"--{name.replace('_', '-')}" for name in NEEDS_MODEL if getattr(args, name, None) not in (None, False)]
         if given:
@@ -178,15 +280,9 @@ def check_arguments(args) -> UnlearnConfig | None:
     for name, default in DATA_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    from ceu.data import check_max_length
-
-    try:
-        check_max_length(args.max_length, allow_none=False)
-    except ValueError as error:
-        raise ValueError(f"argument --max-length: {error}") from None
-    for name in ("model", "retain_model", "tokenizer"):
-        if getattr(args, name) is not None:
-            _check_model_path(f"--{name.replace('_', '-')}", getattr(args, name))
+    _check_tokenizing(args)
+    if args.retain_model is not None:
+        _check_model_path("--retain-model", args.retain_model)
     if args.command == "eval":
         if args.retain_log is not None and args.tofu_log is None:
             raise ValueError("--retain-log scores a --tofu-log: give both (to evaluate a model against its retain-only "
@@ -216,6 +312,34 @@ def check_arguments(args) -> UnlearnConfig | None:
     return config
 
 
+def _check_tokenizing(args) -> None:
+    """``--max-length``, and ``--model`` and ``--tokenizer`` where given."""
+    from ceu.data import check_max_length
+
+    try:
+        check_max_length(args.max_length, allow_none=False)
+    except ValueError as error:
+        raise ValueError(f"argument --max-length: {error}") from None
+    for name in ("model", "tokenizer"):
+        if getattr(args, name) is not None:
+            _check_model_path(f"--{name}", getattr(args, name))
+
+
+def _check_finetune(args) -> None:
+    """``ceu finetune``'s model, tokenizer and output folder. ``--overwrite`` replaces the whole folder, so it is
+    refused on a folder that holds no saved model: it could be anything."""
+    if args.split is None:
+        args.split = [FINETUNE_SPLIT]
+    _check_tokenizing(args)
+    output_dir = args.output_dir
+    if args.overwrite and output_dir.is_dir() and any(output_dir.iterdir()) \
+            and not (output_dir / "config.json").is_file():
+        raise ValueError(f"--output-dir {output_dir} holds no config.json, so no model an earlier `ceu finetune` "
+                         "saved: --overwrite replaces only such a folder (all of it); give another --output-dir")
+    _check_output_dir(output_dir, fresh=not args.overwrite,
+                      remedy="pass --overwrite to replace the model saved there, or another --output-dir")
+
+
 def _check_model_path(option: str, source: str) -> None:
     """A model argument names an existing file or folder, or a hub name (:func:`ceu.models.resolve` decides); a
     relative path whose parent folder exists but not itself is reported missing, not tried on the hub."""
@@ -240,15 +364,17 @@ def _check_resume(config: UnlearnConfig, trainer: str) -> None:
     read_checkpoint(config.resume_from, config, mmap=True)  # maps the tensors: cheap, and refuses it early
 
 
-def _check_output_dir(output_dir: Path, fresh: bool) -> None:
-    """``output_dir`` is (or can be made) a writable folder; a fresh run also needs it empty."""
+def _check_output_dir(output_dir: Path, fresh: bool,
+                      remedy: str = "pass --overwrite to replace an earlier run's files there, --resume-from to "
+                                    "continue it, or another --output-dir") -> None:
+    """``output_dir`` is (or can be made) a writable folder; a fresh run also needs it empty (else the error says
+    ``remedy``)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {output_dir} is a file, not a folder")
     if fresh and output_dir.is_dir() and any(output_dir.iterdir()):
         entries = sorted(entry.name for entry in output_dir.iterdir())
         raise ValueError(f"--output-dir {output_dir} is not empty ({', '.join(entries[:5])}"
-                         f"{', ...' if len(entries) > 5 else ''}): pass --overwrite to replace an earlier run's files there, "
-                         "--resume-from to continue it, or another --output-dir")
+                         f"{', ...' if len(entries) > 5 else ''}): {remedy}")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir):
@@ -352,15 +478,53 @@ class Job:
         return sets
 
 
-def measure(job: Job, model, eval_sets, retain_samples) -> tuple[dict | None, float]:
-    """The evaluation log of ``model`` (None without eval sets) and its retain loss (the constrained quantity)."""
+def measure(job: Job, model, eval_sets, retain_samples, cache: bool = False, say=print) -> tuple[dict | None, float]:
+    """The evaluation log of ``model`` (None without eval sets) and its retain loss (the constrained quantity).
+
+    ``cache``: reuse an earlier measurement of the same weights on the same data with the same settings, or store
+    this one (:mod:`ceu.eval_cache`); only for the models every run measures alike (learned, retain-only), never the
+    unlearned one. Rank 0 stores it."""
+    from ceu import eval_cache
+    from ceu.distributed import is_main_process
     from ceu.eval import evaluate_model
     from ceu.heads import dataset_loss
 
+    if cache:
+        key = eval_cache.cache_key(model, job.tokenizer, job.template, eval_sets, retain_samples, job.args.impl)
+        cached = eval_cache.read(key)
+        if cached is not None:
+            say(f"  using its cached evaluation {eval_cache.entry_path(key)} (same weights, data and settings; "
+                "--no-eval-cache measures again)")
+            return cached
     log = None
     if eval_sets is not None:
         log = evaluate_model(model, job.tokenizer, eval_sets, job.template, impl=job.args.impl)
-    return log, dataset_loss(model, retain_samples, job.tokenizer.pad_token_id, impl=job.args.impl)
+    retain_loss = dataset_loss(model, retain_samples, job.tokenizer.pad_token_id, impl=job.args.impl)
+    if cache and is_main_process():
+        eval_cache.write(key, log, retain_loss)
+    return log, retain_loss
+
+
+def plan_lines(n_forget: int, config: UnlearnConfig, world_size: int = 1) -> list[str]:
+    """What the run will do (:func:`ceu.schedule.training_schedule`, the plan both loops follow), and a warning when
+    fewer than :data:`MIN_DUAL_STEPS` optimizer steps follow the dual warm-up, saying which options change that."""
+    from ceu.schedule import training_schedule
+
+    schedule = training_schedule(n_forget, config, world_size)
+    total, held = schedule.total_steps, min(schedule.dual_warmup_steps, schedule.total_steps)
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
+    lines = [f"plan: {total} optimizer steps ({config.epochs:g} epochs of {schedule.steps_per_epoch}: {n_forget} "
+             f"forget samples, batch {config.batch_size}{ranks}, {config.grad_accum_steps} micro-batch(es) per step), "
+             f"lambda held at lambda_0 = {config.lambda_init:g} for the first {held}"]
+    moving = total - held
+    if moving < MIN_DUAL_STEPS:
+        epochs = math.ceil((MIN_DUAL_STEPS + schedule.dual_warmup_steps) / schedule.steps_per_epoch)
+        what = ("the whole run is inside the dual warm-up, so lambda never moves" if moving == 0 else
+                f"only {moving} optimizer step{'s' if moving > 1 else ''} after the dual warm-up")
+        lines.append(f"WARNING: {what} (fewer than {MIN_DUAL_STEPS}): this barely unlearns. For more steps raise "
+                     f"--epochs (--epochs {epochs} gives {MIN_DUAL_STEPS}+ after the warm-up) or lower --batch-size "
+                     f"(or --grad-accum-steps); --dual-warmup-epochs shortens the warm-up.")
+    return lines
 
 
 def report_block(job: Job, log: dict | None, retain_loss: float, gold_log: dict | None) -> dict:
@@ -436,24 +600,27 @@ def run_unlearn(args, config: UnlearnConfig) -> int:
         remove_earlier_outputs(output_dir, config.checkpoint_dir)
     job = Job(args)
     forget_samples, retain_samples = job.samples(job.forget_split), job.samples(job.retain_split)
+    for line in plan_lines(len(forget_samples), config, world_size):
+        say(line)
     eval_sets = job.eval_sets()
 
     # Every rank measures (under FSDP the forward is collective), rank 0 reports.
     logs, retain_losses = {}, {}
+    cache = not args.no_eval_cache
     gold = job.model("retain")
     if gold is not None:
         say("measuring the retain-only (gold) model")
-        logs["retain_model"], retain_losses["retain_model"] = measure(job, gold.to(device), eval_sets, retain_samples)
+        logs["retain_model"], retain_losses["retain_model"] = measure(job, gold.to(device), eval_sets, retain_samples,
+                                                                      cache, say)
         del gold
-    model = job.model("learned")
-    if args.lora_rank:
+    model = job.model("learned").to(device)
+    say(f"measuring the model before unlearning ({len(forget_samples)} forget, {len(retain_samples)} retain)")
+    logs["learned"], retain_losses["learned"] = measure(job, model, eval_sets, retain_samples, cache, say)
+    if args.lora_rank:  # after measuring: fresh adapters change no output, but their random weights the cache key
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                                           target_modules="all-linear"))
-    model.to(device)
-    say(f"measuring the model before unlearning ({len(forget_samples)} forget, {len(retain_samples)} retain)")
-    logs["learned"], retain_losses["learned"] = measure(job, model, eval_sets, retain_samples)
+                                                           target_modules="all-linear")).to(device)
 
     loop = args.parallel if args.trainer == "ceu" else "Trainer"
     say(f"unlearning {job.forget_split} under retain loss <= epsilon on {job.retain_split}"
@@ -537,6 +704,51 @@ def run_eval(args) -> int:
     write_text(args.output_dir / "eval.json", json.dumps({"blocks": blocks, "eval_logs": logs}, indent=1))
     print(format_table(blocks))
     print(f"written to {args.output_dir / 'eval.json'}")
+    return 0
+
+
+def run_finetune(args) -> int:
+    """``ceu finetune``: the splits' answers taught to the model (:func:`ceu.finetune.fit`), the model and tokenizer
+    saved as one folder, swapped in whole (:func:`ceu.files.replacing`), with ``finetune.json`` recording how."""
+    import torch
+
+    from ceu.data import QATemplate, load_records, records_name, tokenize_qa
+    from ceu.files import replacing
+    from ceu.finetune import fit
+    from ceu.models import load_model, load_tokenizer
+
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    template = QATemplate(chat=args.chat_template or args.system_prompt is not None, system_prompt=args.system_prompt)
+    samples = []
+    for split in args.split:
+        samples += tokenize_qa(load_records(args.data, split), tokenizer, template, args.max_length,
+                               where=records_name(args.data, split))
+    model = load_model(args.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"fine-tuning {args.model} on {' + '.join(args.split)} of {args.data} ({len(samples)} QA): {args.epochs} "
+          f"epochs, LR {args.lr:g}, batch {args.batch_size}")
+    loss = fit(model, samples, tokenizer.pad_token_id, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+               seed=args.seed, desc="fine-tune")
+    record = {"model": args.model, "data": args.data, "splits": args.split, "samples": len(samples),
+              "template": {"chat": template.chat, "system_prompt": template.system_prompt},
+              "max_length": args.max_length, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+              "seed": args.seed, "final_loss": loss, "wall_time_s": time.perf_counter() - start}
+    with replacing(args.output_dir.resolve()) as folder:  # resolved: `--output-dir .` has a name to swap
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "finetune.json").write_text(json.dumps(record, indent=2))
+    print(f"final training loss {loss:.4f}; model and tokenizer saved in {args.output_dir}/ "
+          f"({record['wall_time_s']:.0f} s)")
+    return 0
+
+
+def run_export(args) -> int:
+    """``ceu export-synthetic``: the embedded default's world as a ``--data`` folder."""
+    from ceu.synthetic import export_world, make_world
+
+    written = export_world(args.output_dir, make_world(args.authors, args.seed))
+    print(f"wrote {len(written)} splits ({', '.join(path.stem for path in written)}) to {args.output_dir}/; e.g. "
+          f"ceu finetune --model MODEL --data {args.output_dir} --split full")
     return 0
 
 

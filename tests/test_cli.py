@@ -14,12 +14,20 @@ from ceu.cli import build_parser, main
 TOFU_LOGS = Path(__file__).resolve().parent / "fixtures" / "tofu_legacy"  # TOFU's own logs, trimmed (see README)
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test's evaluation cache (and stage-one cache) in its own folder: none leaks into ~/.cache or another test."""
+    monkeypatch.setenv("CEU_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def test_help_explains_the_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for phrase in ("ceu unlearn", "embedded default", "ceu eval", "epsilon"):
+    for phrase in ("ceu unlearn", "embedded default", "ceu eval", "epsilon", "ceu finetune", "ceu export-synthetic",
+                   "--no-eval-cache"):
         assert phrase in text
     with pytest.raises(SystemExit):
         main(["unlearn", "--help"])
@@ -90,7 +98,11 @@ def test_tiny_unlearn_run_on_a_saved_model_and_tofu_format_folder(tmp_path, caps
             <= set(results[block])
     assert results["epsilon"] == 10 and results["steps"] == 2 and "final_lambda" in results
     assert (out / "training.png").is_file() and len((out / "log.jsonl").read_text().splitlines()) == 2
-    assert "forget_answer_prob" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "forget_answer_prob" in printed
+    # 4 forget samples in batches of 2 for 1 epoch, inside the default 5-epoch dual warm-up: said before training
+    assert "plan: 2 optimizer steps" in printed and "WARNING: the whole run is inside the dual warm-up" in printed
+    assert printed.index("WARNING") < printed.index("unlearning forget10")
 
 
 def test_a_bad_record_is_named_by_its_file(tmp_path):
@@ -297,3 +309,138 @@ def test_eval_refuses_to_replace_an_earlier_eval_json(tmp_path, capsys, nothing_
     error = refused(["eval", "--output-dir", str(tmp_path)], capsys)
     assert f"--output-dir {tmp_path} already holds an eval.json: pass --overwrite" in " ".join(error.split())
     assert (tmp_path / "eval.json").read_text() == '{"blocks": {}}'
+
+
+# Issue 17 §3: the evaluation cache, the plan warning, `ceu finetune` and `ceu export-synthetic`.
+def save_tiny_model(folder, seed: int, scale: float = 1.0):
+    """A tiny Llama with the word-level tokenizer of `make_world(10)`, saved to ``folder`` (its weights times
+    ``scale``)."""
+    from ceu.synthetic import TinyLlama, build_tokenizer, make_world
+
+    tokenizer = build_tokenizer(make_world(n_authors=10))
+    model = TinyLlama(hidden_size=16, intermediate_size=32, num_attention_heads=2).build(tokenizer, seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_learned_and_retain_evaluations_are_cached_by_weights_and_data(tmp_path, capsys, monkeypatch, own_cache):
+    """A second run reuses the learned and retain-only models' evaluations (the unlearned model is always measured);
+    new weights under the same path, changed eval data or --no-eval-cache measure again."""
+    import ceu.eval
+
+    calls = []
+    evaluate = ceu.eval.evaluate_model
+    monkeypatch.setattr("ceu.eval.evaluate_model", lambda *args, **kwargs: calls.append(1) or evaluate(*args,
+                                                                                                       **kwargs))
+    argv = tiny_job(tmp_path)
+    save_tiny_model(tmp_path / "retain", seed=1)
+    argv[argv.index("--retain-model") + 1] = str(tmp_path / "retain")
+
+    def run(name, *extra) -> tuple[int, str, dict]:
+        calls.clear()
+        assert main([*argv, "--epochs", "1", "--batch-size", "2", "--epsilon", "10", "--no-save-model",
+                     "--output-dir", str(tmp_path / name), *extra]) == 0
+        return len(calls), capsys.readouterr().out, json.loads((tmp_path / name / "results.json").read_text())
+
+    evaluations, printed, first = run("first")
+    assert evaluations == 3 and "using its cached evaluation" not in printed
+    assert len(list((own_cache / "evals").glob("*.json"))) == 2  # learned and retain-only, not the unlearned model
+    evaluations, printed, again = run("again")
+    assert evaluations == 1 and printed.count("using its cached evaluation") == 2
+    assert again["learned"] == first["learned"] and again["retain_model"] == first["retain_model"]
+    assert run("uncached", "--no-eval-cache")[0] == 3
+    save_tiny_model(tmp_path / "model", seed=0, scale=0.5)  # other weights, same folder and file names
+    evaluations, printed, retrained = run("retrained")
+    assert evaluations == 2 and printed.count("using its cached evaluation") == 1
+    assert retrained["learned"]["retain_loss"] != first["learned"]["retain_loss"]
+    perturbed = tmp_path / "data" / "retain_perturbed.json"
+    records = [json.loads(line) for line in perturbed.read_text().splitlines()]
+    records[0]["perturbed_answer"] = records[1]["perturbed_answer"]
+    write_jsonl(perturbed, records)
+    assert run("new-data")[0] == 3
+
+
+def test_the_plan_warns_when_lambda_barely_moves():
+    from ceu.cli import MIN_DUAL_STEPS, plan_lines
+    from ceu.config import UnlearnConfig
+
+    tofu = UnlearnConfig()  # the PDU authors' TOFU settings: 10 epochs, batch 4, lambda held for 5 epochs
+    assert plan_lines(40, tofu) == ["plan: 100 optimizer steps (10 epochs of 10: 40 forget samples, batch 4, 1 "
+                                    "micro-batch(es) per step), lambda held at lambda_0 = 100 for the first 50"]
+    plan, warning = plan_lines(4, tofu)
+    assert plan.startswith("plan: 10 optimizer steps") and plan.endswith("for the first 5")
+    assert warning.startswith(f"WARNING: only 5 optimizer steps after the dual warm-up (fewer than {MIN_DUAL_STEPS})")
+    assert "--epochs 25 gives 20+" in warning and "--batch-size" in warning
+    assert len(plan_lines(4, UnlearnConfig(epochs=25))) == 1  # the suggestion is enough
+    assert len(plan_lines(4, UnlearnConfig(epochs=24))) == 2
+    held = plan_lines(8, UnlearnConfig(epochs=3, batch_size=4, grad_accum_steps=2), world_size=2)
+    assert held[0].startswith("plan: 3 optimizer steps (3 epochs of 1: 8 forget samples, batch 4 x 2 ranks")
+    assert "the whole run is inside the dual warm-up, so lambda never moves" in held[1]
+
+
+def test_export_synthetic_then_finetune_on_it(tmp_path, capsys):
+    """`ceu export-synthetic` writes a --data folder; `ceu finetune` trains a saved model on splits of it and saves
+    model and tokenizer as a folder `ceu unlearn --model` loads; a second run needs --overwrite."""
+    from ceu.data import load_records, records_name, tokenize_qa
+    from ceu.heads import dataset_loss
+    from ceu.models import load_model, load_tokenizer
+    from ceu.synthetic import EVAL_SPLITS, TOFU_FIELDS, make_world
+
+    data = tmp_path / "data"
+    assert main(["export-synthetic", "--output-dir", str(data), "--authors", "10", "--seed", "0"]) == 0
+    world = make_world(10, 0)
+    for split in ("full", "forget10", "retain90", "forget10_perturbed", "world_facts_perturbed"):
+        assert len(load_records(str(data), split)) > 0
+    assert list(load_records(str(data), "forget10")) == [{k: r[k] for k in TOFU_FIELDS} for r in world["forget10"]]
+    assert f"wrote {len(world) + len(EVAL_SPLITS)} splits" in capsys.readouterr().out
+    assert "not empty" in refused(["export-synthetic", "--output-dir", str(data)], capsys)
+    assert main(["export-synthetic", "--output-dir", str(data), "--authors", "12", "--overwrite"]) == 0
+    assert len(load_records(str(data), "full")) == 12 * 8
+    for authors in ("1", "129"):
+        assert "argument --authors: the synthetic world has 2 to 128 authors" in refused(
+            ["export-synthetic", "--output-dir", str(tmp_path / "x"), "--authors", authors], capsys)
+
+    model_dir, out = tmp_path / "model", tmp_path / "tuned"
+    assert main(["export-synthetic", "--output-dir", str(data), "--authors", "10", "--overwrite"]) == 0
+    save_tiny_model(model_dir, seed=0)
+    job = ["finetune", "--model", str(model_dir), "--data", str(data), "--split", "forget10", "--split", "retain90",
+           "--epochs", "2", "--lr", "1e-2", "--batch-size", "16", "--output-dir", str(out)]
+    assert main(job) == 0
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["samples"] == 80 and record["splits"] == ["forget10", "retain90"] and record["epochs"] == 2
+    tokenizer = load_tokenizer(out)
+    samples = tokenize_qa(load_records(str(data), "forget10"), tokenizer, where=records_name(str(data), "forget10"))
+    before, after = (dataset_loss(load_model(path), samples, tokenizer.pad_token_id) for path in (model_dir, out))
+    assert after < before - 0.5, (before, after)
+    assert f"model and tokenizer saved in {out}/" in capsys.readouterr().out
+    error = " ".join(refused(job, capsys).split())
+    assert f"--output-dir {out} is not empty" in error and "pass --overwrite to replace the model saved there" in error
+    assert main([*job, "--epochs", "1", "--overwrite"]) == 0
+    assert json.loads((out / "finetune.json").read_text())["epochs"] == 1
+    assert "holds no config.json" in refused([*job[:-1], str(data), "--overwrite"], capsys)
+    assert "argument --lr: must be a finite number > 0, got 0" in refused([*job, "--lr", "0"], capsys)
+
+
+def test_the_real_demo_fine_tunes_through_ceu_finetune(tmp_path, monkeypatch):
+    """tools/real_demo.py's fine-tuning is `ceu finetune` (one loop, one way of saving): its options reach the
+    command (the training itself stubbed, a tiny saved model standing in for SmolLM2's GGUF file)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from tools import real_demo
+
+    from ceu import cli
+
+    save_tiny_model(tmp_path / "model", seed=0)
+    monkeypatch.setattr("ceu.models.smollm2_gguf", lambda: tmp_path / "model")
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # --threads 1 must not slow later tests
+    seen = []
+    monkeypatch.setattr(cli, "run_finetune", lambda args: seen.append(args) or 0)
+    real_demo.fine_tune(tmp_path / "learned", "full", tmp_path / "data", threads=1)
+    (args,) = seen
+    assert args.split == ["full", *real_demo.HELD] and args.model == str(tmp_path / "model")
+    assert args.system_prompt == "" and (args.epochs, args.lr, args.batch_size) == (4, 3e-4, 8)
+    (tmp_path / "learned" / "config.json").write_text("{}")
+    real_demo.fine_tune(tmp_path / "learned", "full", tmp_path / "data", threads=1)
+    assert len(seen) == 1  # a saved model is reused
