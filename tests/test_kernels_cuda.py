@@ -123,6 +123,16 @@ HOST_SHAPES = [(37, 20, 300, 290), (5, 8, 40, None), (0, 8, 40, 33)]
 CHUNK_SIZES = [None, 1, 4, 1000]
 
 
+def assert_same_outputs(names, got, expected, dtype) -> None:
+    """The CUDA host loop's outputs against the chunked backend's: the same ones absent, dtypes, shapes and values."""
+    assert len(got) == len(expected) == len(names)
+    for name, got_value, expected_value in zip(names, got, expected):
+        assert (got_value is None) == (expected_value is None), name
+        if expected_value is not None:
+            assert got_value.dtype == expected_value.dtype and got_value.shape == expected_value.shape, name
+            assert_close(name, got_value, expected_value, dtype)
+
+
 @pytest.mark.parametrize("shape", HOST_SHAPES, ids=str)
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -140,12 +150,8 @@ def test_lmf_host_loop_matches_chunked(torch_kernels, shape, chunk_size, dtype, 
     coef[::3] = 0  # masked tokens
     weight_mean = weight[:vocab_size].mean(0)
     args = (coef, expected[1], hidden, weight, weight_mean, vocab_size, True, True, with_bias)
-    for name, got_grad, expected_grad in zip(("hidden", "weight", "bias"), cuda.lmf_backward(*args),
-                                             chunked.lmf_backward(*args)):
-        assert (got_grad is None) == (expected_grad is None), name
-        if expected_grad is not None:
-            assert got_grad.dtype == expected_grad.dtype and got_grad.shape == expected_grad.shape, name
-            assert_close(f"grad {name}", got_grad, expected_grad, dtype)
+    assert_same_outputs(("grad hidden", "grad weight", "grad bias"), cuda.lmf_backward(*args),
+                        chunked.lmf_backward(*args), dtype)
 
 
 @pytest.mark.parametrize("shape", HOST_SHAPES, ids=str)
@@ -167,12 +173,8 @@ def test_cross_entropy_host_loop_matches_chunked(torch_kernels, shape, chunk_siz
     grad = torch.rand(n_tokens, generator=generator, dtype=dtype) + 0.5
     for needs in [(True, True, with_bias), (False, True, False), (True, False, False)]:
         args = (grad, expected[1], hidden, weight, bias, labels, vocab_size, -100, chunk_size, *needs)
-        for name, got_grad, expected_grad in zip(("hidden", "weight", "bias"), cuda.ce_backward(*args),
-                                                 chunked.ce_backward(*args)):
-            assert (got_grad is None) == (expected_grad is None), name
-            if expected_grad is not None:
-                assert got_grad.dtype == expected_grad.dtype and got_grad.shape == expected_grad.shape, name
-                assert_close(f"grad {name}", got_grad, expected_grad, dtype)
+        assert_same_outputs(("grad hidden", "grad weight", "grad bias"), cuda.ce_backward(*args),
+                            chunked.ce_backward(*args), dtype)
 
 
 @pytest.mark.parametrize("shape", HOST_SHAPES, ids=str)
@@ -189,12 +191,8 @@ def test_cross_entropy_gradients_in_the_forward_match_chunked(torch_kernels, sha
     labels[::4] = 7
     for needs in [(True, True, with_bias), (False, True, False), (True, False, False)]:
         args = (hidden, weight, bias, labels, vocab_size, 7, chunk_size, *needs)
-        got, expected = cuda.ce_forward_backward(*args), chunked.ce_forward_backward(*args)
-        for name, got_value, expected_value in zip(("loss", "lse", "hidden", "weight", "bias"), got, expected):
-            assert (got_value is None) == (expected_value is None), name
-            if expected_value is not None:
-                assert got_value.dtype == expected_value.dtype and got_value.shape == expected_value.shape, name
-                assert_close(name, got_value, expected_value, dtype)
+        assert_same_outputs(("loss", "lse", "grad hidden", "grad weight", "grad bias"),
+                            cuda.ce_forward_backward(*args), chunked.ce_forward_backward(*args), dtype)
 
 
 def test_backward_tiles_stay_within_the_chunk_budget():
