@@ -293,6 +293,7 @@ def check_arguments(args) -> UnlearnConfig | None:
         return None
     if args.overwrite and args.resume_from:
         raise ValueError("--overwrite starts afresh and --resume-from continues a run: give one")
+    _check_accelerate_plugins(args.trainer)
     from ceu.config import ConfigError
 
     try:
@@ -310,6 +311,24 @@ def check_arguments(args) -> UnlearnConfig | None:
                              "afresh, or another --checkpoint-dir")
     _check_output_dir(args.output_dir, fresh=not (args.overwrite or config.resume_from))
     return config
+
+
+def _check_accelerate_plugins(trainer: str) -> None:
+    """An ``accelerate launch`` config that the run would ignore: DeepSpeed or FSDP for ceu's loop (it runs DDP), FSDP
+    on CPU for ``--trainer hf`` (accelerate drops it there and runs DDP)."""
+    from ceu.distributed import ACCELERATE_FSDP_DROPPED, accelerate_requested
+
+    plugin = next((name for name in ("DeepSpeed", "FSDP") if accelerate_requested(name)), None)
+    if plugin is None:
+        return
+    if trainer == "ceu":
+        raise ValueError(f"the accelerate launch's {plugin} config is read by --trainer hf only: ceu's loop would "
+                         "ignore it and run DDP. Add --trainer hf, or run ceu's loop under torchrun (--parallel fsdp "
+                         "to shard)")
+    import torch
+
+    if plugin == "FSDP" and not torch.cuda.is_available():  # ceu.hf.training_arguments then sets use_cpu
+        raise ValueError(ACCELERATE_FSDP_DROPPED.format(runs="DDP (accelerate's MULTI_CPU) instead"))
 
 
 def _check_tokenizing(args) -> None:

@@ -1,9 +1,26 @@
 """Data-parallel helpers of the training loops: where this process stands, its share of a global micro-batch, means
-over the ranks, and gradient accumulation without a gradient all-reduce per micro-batch."""
+over the ranks, gradient accumulation without a gradient all-reduce per micro-batch, and what accelerate was asked
+for."""
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
+
+
+ACCELERATE_FSDP_DROPPED = (
+    "accelerate was asked for FSDP (ACCELERATE_USE_FSDP: an FSDP launch config or an fsdp_plugin) but applies its "
+    "FSDP plugin only on GPUs and other accelerators; on CPU it drops the plugin and runs {runs}, so every rank would "
+    "hold the whole model and optimizer state, not shards. To shard on CPUs, run ceu's own FSDP2 loop (torchrun "
+    "--nproc_per_node N -m ceu unlearn --parallel fsdp); for DDP on purpose, launch without the FSDP config "
+    "(accelerate launch --multi_gpu)")
+
+
+def accelerate_requested(plugin: str) -> bool:
+    """Whether accelerate is asked for ``plugin`` ("fsdp" or "deepspeed"): ``accelerate launch`` with such a config
+    sets ``ACCELERATE_USE_FSDP`` or ``ACCELERATE_USE_DEEPSPEED``, as does an ``Accelerator`` given an FSDP plugin
+    (``TrainingArguments(fsdp=...)``)."""
+    return os.environ.get(f"ACCELERATE_USE_{plugin.upper()}", "false").lower() == "true"
 
 
 def data_parallel_position() -> tuple[int, int]:

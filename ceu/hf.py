@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ceu.config import UnlearnConfig
 from ceu.data import check_answer_tokens, check_not_empty, pad_batch
-from ceu.distributed import distributed_mean
+from ceu.distributed import ACCELERATE_FSDP_DROPPED, accelerate_requested, distributed_mean
 from ceu.files import replacing
 from ceu.methods import Objective, global_scales
 from ceu.primal_dual import PrimalDual
@@ -250,10 +250,17 @@ class PrimalDualTrainer(Trainer):
 
 
 def check_fsdp_plugin(accelerator) -> None:
-    """Refuses accelerate's FSDP plugin with ``fsdp_version: 1``. The fused losses read the LM head's weight outside
-    its forward: FSDP2 shards the head with the root module, whose parameters stay gathered from the forward to the
-    backward (the layout the ``--parallel fsdp`` tests cover), while FSDP1's flat parameters are untested here."""
+    """Refuses an FSDP request accelerate dropped, and accelerate's FSDP plugin with ``fsdp_version: 1``.
+
+    accelerate applies its plugin only on GPUs and other accelerators: on CPU (``use_cpu``) it sets up ``MULTI_CPU``
+    (DDP) or no data parallelism and leaves ``state.fsdp_plugin`` unset, so an FSDP launch would silently train
+    unsharded replicas. The fused losses read the LM head's weight outside its forward: FSDP2 shards the head with the
+    root module, whose parameters stay gathered from the forward to the backward (the layout the ``--parallel fsdp``
+    tests cover), while FSDP1's flat parameters are untested here."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None and accelerate_requested("fsdp"):
+        raise ValueError(ACCELERATE_FSDP_DROPPED.format(
+            runs=f"distributed type {accelerator.state.distributed_type.value} instead"))
     if plugin is not None and plugin.fsdp_version == 1:
         raise ValueError("accelerate's FSDP plugin with fsdp_version 1 is not supported by PrimalDualTrainer (the "
                          "fused losses read the LM head's weight outside its forward): set fsdp_version: 2, or use "
