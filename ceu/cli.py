@@ -492,7 +492,10 @@ class Job:
             for name, (role, split) in TOFU_EVAL_SPLITS.items():
                 sets[name] = (role, self.records(split))
         except (FileNotFoundError, ValueError) as error:
-            print(f"evaluation skipped: {error}")
+            from ceu.distributed import is_main_process
+
+            if is_main_process():  # once per run, not once per rank
+                print(f"evaluation skipped: {error}")
             return None
         return sets
 
