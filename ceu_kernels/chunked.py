@@ -13,6 +13,7 @@ it is also the CPU path and, with ``ceu.reference``, what the other backends are
 """
 import torch
 
+from . import host_memory
 from .contract import chunk_rows, stat_dtype
 
 
@@ -31,14 +32,43 @@ def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
     weight_t = weight[:vocab_size].t()
     bias = None if bias is None else bias[:vocab_size]
     rows = min(chunk_rows(chunk_size, vocab_size, hidden.element_size(), weight), max(n_tokens, 1))
-    buffer = hidden.new_empty(rows, vocab_size)
+    buffer = host_memory.empty((rows, vocab_size), hidden.dtype, hidden)
     row_max = hidden.new_empty(n_tokens)
     argmax = torch.empty(n_tokens, dtype=torch.int64, device=hidden.device)
     for start in range(0, n_tokens, rows):
         stop = min(start + rows, n_tokens)
         logits = _chunk_logits(buffer, hidden[start:stop], weight_t, bias)
-        torch.max(logits, dim=1, out=(row_max[start:stop], argmax[start:stop]))
+        row_max_argmax(logits, row_max[start:stop], argmax[start:stop])
     return row_max.to(stat_dtype(hidden.dtype)), argmax
+
+
+ARGMAX_BLOCK = 128
+"""Columns per block of :func:`row_max_argmax`."""
+
+
+def row_max_argmax(logits, row_max, argmax):
+    """``torch.max(logits, dim=1)`` into ``row_max`` and ``argmax``: the same values and indices (the first index of
+    the max; the first NaN in a row holding one) in less time. On the CPU ``torch.max`` with indices is a scalar
+    loop, 7x the time of the vectorised ``amax``; so ``amax`` over blocks of :data:`ARGMAX_BLOCK` columns, then
+    ``argmax`` over the few block maxima finds the first block holding the row's max, and only that block is searched
+    for the index. Columns past the last whole block are a tail that wins only where strictly larger (or NaN against
+    a number), so the first index still wins."""
+    whole = logits.shape[1] - logits.shape[1] % ARGMAX_BLOCK
+    if whole == 0:
+        torch.max(logits, dim=1, out=(row_max, argmax))
+        return
+    block_max = logits[:, :whole].unflatten(1, (whole // ARGMAX_BLOCK, ARGMAX_BLOCK)).amax(dim=2)
+    first_block = block_max.argmax(dim=1)
+    columns = first_block[:, None] * ARGMAX_BLOCK + torch.arange(ARGMAX_BLOCK, device=logits.device)
+    value, index = logits.gather(1, columns).max(dim=1)
+    index += first_block * ARGMAX_BLOCK
+    if whole < logits.shape[1]:
+        tail_value, tail_index = logits[:, whole:].max(dim=1)
+        take_tail = (tail_value > value) | (tail_value.isnan() & ~value.isnan())
+        value = torch.where(take_tail, tail_value, value)
+        index = torch.where(take_tail, tail_index + whole, index)
+    row_max.copy_(value)
+    argmax.copy_(index)
 
 
 def lmf_backward(coef, argmax, hidden, weight, weight_mean, vocab_size, needs_hidden, needs_weight, needs_bias):
@@ -76,7 +106,7 @@ def rank_one_plus_scatter(rows, values, rank_one, n_rows, vocab_size, dtype):
     sync), so a half-precision dW needs no float32 ``[V, H]`` accumulator: the output is the only ``[V, H]`` tensor
     (plus the scratch row).
     """
-    out = values.new_empty((n_rows + 1, *values.shape[1:]), dtype=dtype)
+    out = host_memory.empty((n_rows + 1, *values.shape[1:]), dtype, values)
     out[:vocab_size] = rank_one.to(dtype)
     out[vocab_size:] = 0
     if dtype == values.dtype:
@@ -97,8 +127,8 @@ def _ce_buffers(hidden, weight, vocab_size, chunk_size, upcast=True):
     half = upcast and hidden.dtype in (torch.float16, torch.bfloat16)
     bytes_per_logit = hidden.element_size() + (4 if half else 0)
     rows = min(chunk_rows(chunk_size, vocab_size, bytes_per_logit, weight), max(hidden.shape[0], 1))
-    buffer = hidden.new_empty(rows, vocab_size)
-    buffer_acc = buffer.new_empty(rows, vocab_size, dtype=torch.float32) if half else buffer
+    buffer = host_memory.empty((rows, vocab_size), hidden.dtype, hidden)
+    buffer_acc = host_memory.empty((rows, vocab_size), torch.float32, hidden) if half else buffer
     return rows, buffer, buffer_acc
 
 
@@ -220,10 +250,9 @@ def _ce_gradient_outputs(hidden, weight, acc, needs_hidden, needs_weight, needs_
     (dW written by its first chunk's GEMM instead when there is at least one token, the padded rows zeroed)."""
     grad_weight = None
     if needs_weight:
+        grad_weight = host_memory.empty(weight.shape, acc, weight)
         if hidden.shape[0] == 0:
-            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        else:
-            grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device)
+            grad_weight.zero_()
     return (torch.empty_like(hidden) if needs_hidden else None, grad_weight,
             torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs_bias else None)
 

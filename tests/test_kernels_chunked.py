@@ -66,3 +66,46 @@ def test_chunk_rows_follow_the_head(vocab_size, hidden_size, dtype):
     buffer = rows * vocab_size * bytes_per_logit
     assert rows >= 1 and (buffer <= limit or rows == 1) and buffer + vocab_size * bytes_per_logit > limit
     assert contract.chunk_rows(7, vocab_size, bytes_per_logit, weight) == 7
+
+
+def _planted_rows(kind, width, dtype):
+    """Six rows of ``width`` logits with a planted hazard for the max and its first index."""
+    generator = torch.Generator().manual_seed(width)
+    rows = torch.randn(6, width, generator=generator)
+    if kind == "ties":  # few distinct values: the max repeats within and across blocks and in the tail
+        rows = torch.randint(-2, 3, (6, width), generator=generator).float()
+    elif kind == "nan-columns":
+        rows[:, 1::3] = float("nan")
+    elif kind == "nan-scattered":
+        rows[torch.rand(6, width, generator=generator) < 0.02] = float("nan")
+    elif kind == "nan-last":  # a NaN only in the last column: the tail's, or the last block's
+        rows[:, -1] = float("nan")
+    elif kind == "all-minus-inf":
+        rows[:] = float("-inf")
+    elif kind == "inf-first-and-last":
+        rows[:, 0] = rows[:, -1] = float("inf")
+    elif kind == "signed-zeros":  # -0 and +0 compare equal: the first one's sign comes back
+        rows = torch.zeros(6, width)
+        rows[:, ::2] = -0.0
+    elif kind == "max-in-tail":
+        rows[:, -1] = 10.0
+    return rows.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width", [1, 5, chunked.ARGMAX_BLOCK - 1, chunked.ARGMAX_BLOCK, chunked.ARGMAX_BLOCK + 1,
+                                   2 * chunked.ARGMAX_BLOCK, 3 * chunked.ARGMAX_BLOCK + 47])
+@pytest.mark.parametrize("kind", ["random", "ties", "nan-columns", "nan-scattered", "nan-last", "all-minus-inf",
+                                  "inf-first-and-last", "signed-zeros", "max-in-tail"])
+def test_row_max_argmax_is_torch_max(kind, width, dtype):
+    """The blocked max/argmax of the LMF forward gives torch.max's values (sign of zero included) and indices: the
+    first index of the max, the first NaN of a row holding one, whether the max sits in a block or the tail."""
+    rows = _planted_rows(kind, width, dtype)
+    row_max, argmax = torch.empty(6, dtype=dtype), torch.empty(6, dtype=torch.int64)
+    chunked.row_max_argmax(rows, row_max, argmax)
+    expected_max, expected_argmax = torch.max(rows, dim=1)
+    assert torch.equal(argmax, expected_argmax)
+    nan = expected_max.isnan()
+    assert torch.equal(row_max.isnan(), nan)
+    assert torch.equal(row_max[~nan], expected_max[~nan])
+    assert torch.equal(row_max[~nan].signbit(), expected_max[~nan].signbit())
