@@ -1,8 +1,8 @@
 """The token-chunked PyTorch backend (``impl="torch"``, CPU and GPU): the fused losses without ever holding
 ``[tokens, V]`` logits, following :class:`ceu_kernels.contract.Backend`.
 
-Each chunk of tokens runs one GEMM into a logits buffer that is allocated once and reused, so the extra memory is
-bounded by :func:`~ceu_kernels.contract.chunk_rows` (``CHUNK_BUDGET_BYTES``, and no more than the head's weight)
+Each chunk of tokens (in the LMF forward, a tile of tokens by vocabulary columns) runs one GEMM into a logits
+buffer that is allocated once and reused, so the extra memory is bounded by :func:`~ceu_kernels.contract.chunk_rows` (``CHUNK_BUDGET_BYTES``, and no more than the head's weight)
 whatever the number of tokens. The LMF backward is the closed form and runs no GEMM. The GEMMs run in the inputs'
 dtype, so half-precision logits are rounded before the max and the softmax. The cross-entropy loop with the
 gradients formed in the forward (:func:`fused_ce_loop`) is also the Triton and CUDA backends', with their row kernels.
@@ -26,20 +26,60 @@ def _chunk_logits(buffer, hidden_chunk, weight_t, bias):
     return logits
 
 
+MIN_TILE_COLUMNS = 4096
+"""The narrowest vocabulary tile of the LMF forward (:func:`lmf_tile`): fewer columns per GEMM would cost more in
+per-tile overhead than the wider token block saves."""
+
+
+def lmf_tile(chunk_size, n_tokens, vocab_size, bytes_per_logit, weight):
+    """Tokens and vocabulary columns per GEMM of the LMF forward, in the logits buffer that
+    :func:`~ceu_kernels.contract.chunk_rows` sizes (its rows by the whole vocabulary).
+
+    With ``chunk_size`` given, or when every token fits those rows: that many tokens by the whole vocabulary.
+    Otherwise the same buffer is shaped as every token (or as many as :data:`MIN_TILE_COLUMNS` allow) by a
+    vocabulary tile: a GEMM of many tokens against part of the weight packs each weight row once per call instead
+    of once per token chunk (2048 tokens on the CPU target: 24% less time for the same buffer)."""
+    rows = chunk_rows(chunk_size, vocab_size, bytes_per_logit, weight)
+    if chunk_size is not None or n_tokens <= rows:
+        return min(rows, max(n_tokens, 1)), vocab_size
+    budget = rows * vocab_size
+    columns = min(vocab_size, max(MIN_TILE_COLUMNS, budget // n_tokens))
+    return min(n_tokens, max(1, budget // columns)), columns
+
+
 def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
-    """Per-token max and first-index argmax of ``hidden @ weight[:vocab_size].T + bias``, a chunk at a time."""
+    """Per-token max and first-index argmax of ``hidden @ weight[:vocab_size].T + bias``, a tile of tokens by
+    vocabulary columns at a time (:func:`lmf_tile`). A later vocabulary tile replaces a token's running max only
+    where :func:`first_max` says, so the first index wins as in ``torch.max``."""
     n_tokens = hidden.shape[0]
-    weight_t = weight[:vocab_size].t()
-    bias = None if bias is None else bias[:vocab_size]
-    rows = min(chunk_rows(chunk_size, vocab_size, hidden.element_size(), weight), max(n_tokens, 1))
-    buffer = host_memory.empty((rows, vocab_size), hidden.dtype, hidden)
+    rows, columns = lmf_tile(chunk_size, n_tokens, vocab_size, hidden.element_size(), weight)
+    buffer = host_memory.empty((rows * columns,), hidden.dtype, hidden)
     row_max = hidden.new_empty(n_tokens)
     argmax = torch.empty(n_tokens, dtype=torch.int64, device=hidden.device)
+    tile_max, tile_argmax = torch.empty_like(row_max[:rows]), torch.empty_like(argmax[:rows])
     for start in range(0, n_tokens, rows):
         stop = min(start + rows, n_tokens)
-        logits = _chunk_logits(buffer, hidden[start:stop], weight_t, bias)
-        row_max_argmax(logits, row_max[start:stop], argmax[start:stop])
+        for first in range(0, vocab_size, columns):
+            last = min(first + columns, vocab_size)
+            logits = buffer[: (stop - start) * (last - first)].view(stop - start, last - first)
+            torch.mm(hidden[start:stop], weight[first:last].t(), out=logits)
+            if bias is not None:
+                logits.add_(bias[first:last])
+            if first == 0:
+                row_max_argmax(logits, row_max[start:stop], argmax[start:stop])
+                continue
+            row_max_argmax(logits, tile_max[: stop - start], tile_argmax[: stop - start])
+            merged_max, merged_argmax = first_max(row_max[start:stop], argmax[start:stop],
+                                                  tile_max[: stop - start], tile_argmax[: stop - start] + first)
+            row_max[start:stop], argmax[start:stop] = merged_max, merged_argmax
     return row_max.to(stat_dtype(hidden.dtype)), argmax
+
+
+def first_max(value, index, later_value, later_index):
+    """Row maxima and their indices over earlier columns merged with those over later columns by ``torch.max``'s
+    rule: the later ones win only where strictly larger, or NaN against a number."""
+    later = (later_value > value) | (later_value.isnan() & ~value.isnan())
+    return torch.where(later, later_value, value), torch.where(later, later_index, index)
 
 
 ARGMAX_BLOCK = 128
@@ -51,8 +91,7 @@ def row_max_argmax(logits, row_max, argmax):
     the max; the first NaN in a row holding one) in less time. On the CPU ``torch.max`` with indices is a scalar
     loop, 7x the time of the vectorised ``amax``; so ``amax`` over blocks of :data:`ARGMAX_BLOCK` columns, then
     ``argmax`` over the few block maxima finds the first block holding the row's max, and only that block is searched
-    for the index. Columns past the last whole block are a tail that wins only where strictly larger (or NaN against
-    a number), so the first index still wins."""
+    for the index. Columns past the last whole block are a tail merged by :func:`first_max`."""
     whole = logits.shape[1] - logits.shape[1] % ARGMAX_BLOCK
     if whole == 0:
         torch.max(logits, dim=1, out=(row_max, argmax))
@@ -64,9 +103,7 @@ def row_max_argmax(logits, row_max, argmax):
     index += first_block * ARGMAX_BLOCK
     if whole < logits.shape[1]:
         tail_value, tail_index = logits[:, whole:].max(dim=1)
-        take_tail = (tail_value > value) | (tail_value.isnan() & ~value.isnan())
-        value = torch.where(take_tail, tail_value, value)
-        index = torch.where(take_tail, tail_index + whole, index)
+        value, index = first_max(value, index, tail_value, tail_index + whole)
     row_max.copy_(value)
     argmax.copy_(index)
 

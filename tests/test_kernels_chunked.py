@@ -109,3 +109,59 @@ def test_row_max_argmax_is_torch_max(kind, width, dtype):
     assert torch.equal(row_max.isnan(), nan)
     assert torch.equal(row_max[~nan], expected_max[~nan])
     assert torch.equal(row_max[~nan].signbit(), expected_max[~nan].signbit())
+
+
+@pytest.mark.parametrize("n_tokens,chunk_size", [(2048, None), (256, None), (40, None), (10**6, None), (2048, 100)])
+def test_lmf_tiles_stay_in_the_chunk_buffer(n_tokens, chunk_size):
+    """The LMF forward's tile is never larger than the buffer chunk_rows sizes; past one token chunk it takes every
+    token (down to MIN_TILE_COLUMNS columns) by a vocabulary tile; a given chunk_size keeps whole rows."""
+    vocab_size, weight = 128256, torch.empty(128256, 256, device="meta")
+    rows, columns = chunked.lmf_tile(chunk_size, n_tokens, vocab_size, 4, weight)
+    budget = contract.chunk_rows(chunk_size, vocab_size, 4, weight) * vocab_size
+    assert rows * columns <= max(budget, n_tokens * vocab_size if chunk_size is None and n_tokens <= 256 else 0)
+    if chunk_size is not None:
+        assert (rows, columns) == (chunk_size, vocab_size)
+    elif n_tokens <= 256:  # every token fits one chunk of whole rows
+        assert (rows, columns) == (n_tokens, vocab_size)
+    else:
+        assert columns == max(chunked.MIN_TILE_COLUMNS, budget // n_tokens)
+        assert rows == min(n_tokens, budget // columns)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("n_tokens", [5, 23, 64])
+def test_lmf_forward_over_vocabulary_tiles_is_torch_max(monkeypatch, dtype, with_bias, n_tokens):
+    """Tiles of tokens by vocabulary columns (narrow ones here) give torch.max of the whole logits row. Integer
+    logits, exact in every dtype and summation order: the max repeats across tile borders and the first index must
+    win. Weight row 45 is (inf, 0, 0, 0): NaN (0 * inf) for tokens whose first hidden component is 0, +inf or -inf
+    for the others; row 70 is NaN: every row's max is NaN, at its first NaN, in one tile or a later one."""
+    monkeypatch.setattr(chunked, "MIN_TILE_COLUMNS", 8)
+    generator = torch.Generator().manual_seed(n_tokens)
+    vocab_size, hidden_size = 83, 4  # 4 rows of logits per chunk (the weight's size), tiles of 8 columns
+    hidden = torch.randint(-1, 2, (n_tokens, hidden_size), generator=generator).to(dtype)
+    weight = torch.randint(-1, 2, (vocab_size + 5, hidden_size), generator=generator).to(dtype)
+    weight[45] = torch.tensor([float("inf"), 0, 0, 0])
+    weight[70] = float("nan")
+    bias = torch.randint(-2, 3, (vocab_size + 5,), generator=generator).to(dtype) if with_bias else None
+    rows, columns = chunked.lmf_tile(None, n_tokens, vocab_size, hidden.element_size(), weight)
+    assert columns < vocab_size or n_tokens <= rows
+    row_max, argmax = chunked.lmf_forward(hidden, weight, bias, vocab_size, None)
+    logits = hidden.double() @ weight[:vocab_size].double().T + (0 if bias is None else bias[:vocab_size].double())
+    expected_max, expected_argmax = torch.max(logits, dim=1)
+    assert torch.equal(argmax, expected_argmax)
+    assert {45, 70} <= set(argmax.tolist()) or n_tokens == 5  # a first NaN in either tile (but in the smallest case)
+    assert bool(row_max.isnan().all()) and bool(expected_max.isnan().all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_tokens", [23, 64])
+def test_lmf_forward_ties_across_tiles_keep_the_first_index(monkeypatch, dtype, n_tokens):
+    """Without NaN: integer logits tie across tile borders; values and first indices equal torch.max's."""
+    monkeypatch.setattr(chunked, "MIN_TILE_COLUMNS", 8)
+    generator = torch.Generator().manual_seed(n_tokens + 1)
+    hidden = torch.randint(-1, 2, (n_tokens, 4), generator=generator).to(dtype)
+    weight = torch.randint(-1, 2, (88, 4), generator=generator).to(dtype)
+    row_max, argmax = chunked.lmf_forward(hidden, weight, None, 83, None)
+    expected_max, expected_argmax = torch.max(hidden.double() @ weight[:83].double().T, dim=1)
+    assert torch.equal(argmax, expected_argmax) and torch.equal(row_max.double(), expected_max)
