@@ -1,4 +1,4 @@
-"""``python -m benchmarks cpu|gpu|unlearning [--dry-run]``: run a suite, write its outputs, print its Markdown last."""
+"""``python -m benchmarks cpu|gpu|interleaved|unlearning [--dry-run]``: run a suite, write its outputs, print its Markdown last."""
 import argparse
 import sys
 from pathlib import Path
@@ -17,8 +17,12 @@ def main(argv=None) -> int:
         from .unlearning import main as unlearning
 
         return unlearning(argv[1:])
+    if argv[:1] == ["interleaved"]:  # the CPU speed targets, implementations alternated (benchmarks/interleaved.py)
+        from .interleaved import main as interleaved
+
+        return interleaved(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suite", choices=("cpu", "gpu", "unlearning"))
+    parser.add_argument("suite", choices=("cpu", "gpu", "interleaved", "unlearning"))
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes through every code path; writes only under the output folder "
                              "(with gpu and no CUDA device: the GPU command's in-process path on the CPU)")
