@@ -33,6 +33,7 @@ MICRO_PROVIDERS = {"lmf": ("eager-fp32", "compile", "ceu-torch"),
                    "ce": ("eager-fp32", "compile", "cce-compile", "ceu-torch")}
 TARGETS = {"lmf": 2.9, "ce": 1.3}  # issue 15: speed-up of ceu-torch over eager, and CE at least torch.compile's speed
 E2E_PAIRS = (("eager", "fused"), ("eager+checkpointing", "fused+checkpointing"))
+E2E_REPEATS = 3  # timed steps of each variant after its warm-up: ~30 s each on the 2-core CPU
 
 
 def interleave(ops: dict, repeats: int, log) -> dict[str, list[float]]:
@@ -75,7 +76,8 @@ def micro_case(loss: str, tokens: int, repeats: int, dry_run: bool, log) -> dict
 
 
 def e2e_pair(shape: e2e.ModelShape, pair: tuple[str, str], log) -> dict:
-    """Two variants' PDU steps from the same weights and batches, alternated (their first-step losses must agree)."""
+    """Two variants' PDU steps from the same weights and batches, alternated after a warm-up step each (their
+    first-step losses must agree)."""
     steps = {}
     for variant in pair:
         losses, _, checkpointing = variant.partition("+")
@@ -86,13 +88,16 @@ def e2e_pair(shape: e2e.ModelShape, pair: tuple[str, str], log) -> dict:
         step = e2e.PDUStep(model, e2e.LOSSES[losses], e2e.make_batch(shape, vocab_size, torch.device("cpu"), seed=1),
                            e2e.make_batch(shape, vocab_size, torch.device("cpu"), seed=2), "auto")
         step.create_optimizer_state()
+        step()  # warm-up: the first step of a process allocates what later steps reuse
         steps[variant] = step
+    log(f"{pair}: warmed up")
     times = interleave(steps, shape.steps, log)
     first = [steps[variant].first_losses for variant in pair]
     if not all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(*first)):
         raise RuntimeError(f"{pair} disagree on the first step's losses: {first}")
-    return {"title": f"PDU step, {shape.name}, {shape.batch} + {shape.batch} sequences of {shape.seq_len} tokens, "
-                     f"{shape.dtype}: {pair[1]} against {pair[0]}", "times": times, "speedups": speedups(times, pair[0])}
+    title = (f"PDU step, {shape.name}, {shape.batch} + {shape.batch} sequences of {shape.seq_len} tokens, "
+             f"{shape.dtype}: {pair[1]} against {pair[0]}")
+    return {"title": title, "times": times, "speedups": speedups(times, pair[0])}
 
 
 def _cell(values: list[float]) -> str:
@@ -149,7 +154,8 @@ def main(argv=None) -> int:
               for tokens in CPU_CE_TARGET_TOKENS]
     steps = []
     if not args.no_e2e:
-        shape = replace(e2e.E2E_SHAPES["tiny" if args.dry_run else "smollm2-135m"], steps=repeats if args.dry_run else 3)
+        shape = e2e.E2E_SHAPES["tiny" if args.dry_run else "smollm2-135m"]
+        shape = replace(shape, steps=repeats if args.dry_run else E2E_REPEATS)
         steps = [e2e_pair(shape, pair, log) for pair in E2E_PAIRS]
     meta = report.environment("cpu-interleaved", torch.device("cpu"))
     body = section(meta, micro, steps, time.monotonic() - started, args.dry_run)

@@ -5,7 +5,6 @@ recomputes each chunk's logits.
 """
 import torch
 
-from ceu_kernels import host_memory
 from ceu_kernels.contract import fuses_ce_gradients
 
 from . import backends, checks, ops
@@ -64,7 +63,7 @@ class LinearCrossEntropyGradsInForwardFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         with torch.no_grad():
             factor = grad_loss * scale
-            grads = [torch.mul(grad, factor, out=host_memory.empty(grad.shape, dtype, grad)) if need else None
+            grads = [(grad * factor).to(dtype) if need else None
                      for grad, dtype, need in zip(saved, ctx.dtypes, ctx.needs_input_grad)]
         if create_graph:  # the saved gradients are constants: differentiating them again must raise, not give 0
             grads = _raise_if_differentiated(grads)

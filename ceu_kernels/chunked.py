@@ -2,8 +2,9 @@
 ``[tokens, V]`` logits, following :class:`ceu_kernels.contract.Backend`.
 
 Each chunk of tokens (in the LMF forward, a tile of tokens by vocabulary columns) runs one GEMM into a logits
-buffer that is allocated once and reused, so the extra memory is bounded by :func:`~ceu_kernels.contract.chunk_rows` (``CHUNK_BUDGET_BYTES``, and no more than the head's weight)
-whatever the number of tokens. The LMF backward is the closed form and runs no GEMM. The GEMMs run in the inputs'
+buffer that is allocated once and reused, so the extra memory is bounded by :func:`~ceu_kernels.contract.chunk_rows`
+(``CHUNK_BUDGET_BYTES`` and the head's weight; twice that for the cross-entropy, ``CE_CHUNK_WEIGHTS``) whatever the
+number of tokens. The LMF backward is the closed form and runs no GEMM. The GEMMs run in the inputs'
 dtype, so half-precision logits are rounded before the max and the softmax. The cross-entropy loop with the
 gradients formed in the forward (:func:`fused_ce_loop`) is also the Triton and CUDA backends', with their row kernels.
 
@@ -13,8 +14,7 @@ it is also the CPU path and, with ``ceu.reference``, what the other backends are
 """
 import torch
 
-from . import host_memory
-from .contract import chunk_rows, stat_dtype
+from .contract import CE_CHUNK_WEIGHTS, chunk_rows, stat_dtype
 
 
 def _chunk_logits(buffer, hidden_chunk, weight_t, bias):
@@ -53,7 +53,7 @@ def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
     where :func:`first_max` says, so the first index wins as in ``torch.max``."""
     n_tokens = hidden.shape[0]
     rows, columns = lmf_tile(chunk_size, n_tokens, vocab_size, hidden.element_size(), weight)
-    buffer = host_memory.empty((rows * columns,), hidden.dtype, hidden)
+    buffer = hidden.new_empty(rows * columns)
     row_max = hidden.new_empty(n_tokens)
     argmax = torch.empty(n_tokens, dtype=torch.int64, device=hidden.device)
     tile_max, tile_argmax = torch.empty_like(row_max[:rows]), torch.empty_like(argmax[:rows])
@@ -143,7 +143,7 @@ def rank_one_plus_scatter(rows, values, rank_one, n_rows, vocab_size, dtype):
     sync), so a half-precision dW needs no float32 ``[V, H]`` accumulator: the output is the only ``[V, H]`` tensor
     (plus the scratch row).
     """
-    out = host_memory.empty((n_rows + 1, *values.shape[1:]), dtype, values)
+    out = values.new_empty((n_rows + 1, *values.shape[1:]), dtype=dtype)
     out[:vocab_size] = rank_one.to(dtype)
     out[vocab_size:] = 0
     if dtype == values.dtype:
@@ -163,9 +163,9 @@ def _ce_buffers(hidden, weight, vocab_size, chunk_size, upcast=True):
     the softmax (else the same buffer twice)."""
     half = upcast and hidden.dtype in (torch.float16, torch.bfloat16)
     bytes_per_logit = hidden.element_size() + (4 if half else 0)
-    rows = min(chunk_rows(chunk_size, vocab_size, bytes_per_logit, weight), max(hidden.shape[0], 1))
-    buffer = host_memory.empty((rows, vocab_size), hidden.dtype, hidden)
-    buffer_acc = host_memory.empty((rows, vocab_size), torch.float32, hidden) if half else buffer
+    rows = min(chunk_rows(chunk_size, vocab_size, bytes_per_logit, weight, CE_CHUNK_WEIGHTS), max(hidden.shape[0], 1))
+    buffer = hidden.new_empty(rows, vocab_size)
+    buffer_acc = buffer.new_empty(rows, vocab_size, dtype=torch.float32) if half else buffer
     return rows, buffer, buffer_acc
 
 
@@ -287,9 +287,10 @@ def _ce_gradient_outputs(hidden, weight, acc, needs_hidden, needs_weight, needs_
     (dW written by its first chunk's GEMM instead when there is at least one token, the padded rows zeroed)."""
     grad_weight = None
     if needs_weight:
-        grad_weight = host_memory.empty(weight.shape, acc, weight)
         if hidden.shape[0] == 0:
-            grad_weight.zero_()
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        else:
+            grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device)
     return (torch.empty_like(hidden) if needs_hidden else None, grad_weight,
             torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs_bias else None)
 

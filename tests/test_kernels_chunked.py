@@ -54,18 +54,20 @@ def test_lmf_backward_syncs_nothing_with_the_host(monkeypatch):
     assert all(g is not None for g in grads)
 
 
+@pytest.mark.parametrize("weights", [1, contract.CE_CHUNK_WEIGHTS], ids=["lmf", "ce"])
 @pytest.mark.parametrize("vocab_size,hidden_size,dtype", [(128256, 256, torch.float32), (128256, 4096, torch.bfloat16),
                                                           (50, 8, torch.float32), (1000, 3, torch.float16)])
-def test_chunk_rows_follow_the_head(vocab_size, hidden_size, dtype):
-    """A chunk's logits never outgrow CHUNK_BUDGET_BYTES nor the head's real rows (so a chunk buffer is no larger
-    than the dW the backward returns), and fill the smaller of the two but for a row; chunk_size wins when given."""
+def test_chunk_rows_follow_the_head(vocab_size, hidden_size, dtype, weights):
+    """A chunk's logits never outgrow ``weights`` times the smaller of CHUNK_BUDGET_BYTES and the head's real rows (so
+    an LMF chunk buffer is no larger than the dW the backward returns), and fill it but for a row; chunk_size wins
+    when given."""
     weight = torch.empty(vocab_size + 6, hidden_size, dtype=dtype, device="meta")
     bytes_per_logit = torch.finfo(dtype).bits // 8
-    rows = contract.chunk_rows(None, vocab_size, bytes_per_logit, weight)
-    limit = min(contract.CHUNK_BUDGET_BYTES, vocab_size * hidden_size * weight.element_size())
+    rows = contract.chunk_rows(None, vocab_size, bytes_per_logit, weight, weights)
+    limit = weights * min(contract.CHUNK_BUDGET_BYTES, vocab_size * hidden_size * weight.element_size())
     buffer = rows * vocab_size * bytes_per_logit
     assert rows >= 1 and (buffer <= limit or rows == 1) and buffer + vocab_size * bytes_per_logit > limit
-    assert contract.chunk_rows(7, vocab_size, bytes_per_logit, weight) == 7
+    assert contract.chunk_rows(7, vocab_size, bytes_per_logit, weight, weights) == 7
 
 
 def _planted_rows(kind, width, dtype):
