@@ -38,8 +38,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 class LinearCrossEntropyGradsInForwardFunction(torch.autograd.Function):
     """The scalar reductions (``"mean"``, ``"sum"``) when a gradient is needed, on a backend that forms gradients in
     its forward (:func:`ceu_kernels.contract.fuses_ce_gradients`): returns the reduced loss and saves ``dh``, ``dW``
-    and ``db`` of it (dW and db in the accumulator dtype); the backward multiplies them by the upstream scalar,
-    out of place, so a second backward (``retain_graph=True``) gives the same gradients."""
+    and ``db`` of it (dW and db in the accumulator dtype); the backward multiplies them by the upstream scalar.
+
+    When the graph is freed after this backward (no ``retain_graph``, no ``create_graph``, not traced), it scales
+    them in place and hands them over: autograd releases the saved tensors before the weight's ``AccumulateGrad``
+    runs, which then takes ``dW`` itself as ``.grad`` (or adds it to an existing one), with no head-sized copy in
+    time or memory. Otherwise it scales a copy, so a second backward gives the same gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, vocab_size, ignore_index, backend, chunk_size, reduction,
@@ -61,10 +65,14 @@ class LinearCrossEntropyGradsInForwardFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         *saved, scale = ctx.saved_tensors
         create_graph = torch.is_grad_enabled()
+        hand_over = not (create_graph or torch.compiler.is_compiling()
+                         or torch._C._autograd._get_current_graph_task_keep_graph())
         with torch.no_grad():
             factor = grad_loss * scale
-            grads = [(grad * factor).to(dtype) if need else None
+            grads = [None if not need else grad.mul_(factor) if hand_over and grad.dtype == dtype
+                     else (grad * factor).to(dtype)
                      for grad, dtype, need in zip(saved, ctx.dtypes, ctx.needs_input_grad)]
+        del saved
         if create_graph:  # the saved gradients are constants: differentiating them again must raise, not give 0
             grads = _raise_if_differentiated(grads)
         return (*grads, *[None] * 9)
@@ -97,9 +105,10 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=-100
     GEMMs and one exponential pass in all, against four GEMMs when the backward recomputes), only for the inputs that
     require grad; the backward multiplies them by the upstream scalar. So between forward and backward the graph holds
     ``dh [N, H]`` in hidden's dtype and ``dW [V, H]``, ``db [V]`` in the accumulator dtype (float32, float64 for float64
-    inputs) instead of the inputs and a ``[N]`` log-sum-exp, and the backward briefly holds a second ``[V, H]`` (the
-    scaled copy in the weight's dtype). The backward never changes what it saved: calling it twice
-    (``retain_graph=True``) gives the same gradients. ``reduction="none"``, whose upstream gradient is per token, keeps
+    inputs) instead of the inputs and a ``[N]`` log-sum-exp. A backward that frees the graph scales them in place and
+    hands them to autograd (``dW`` becomes the weight's ``.grad`` itself where that is None); one that keeps it
+    (``retain_graph=True``), or a weight of another dtype, gets a scaled copy, so calling it twice gives the same
+    gradients. ``reduction="none"``, whose upstream gradient is per token, keeps
     the backward that recomputes the logits. Under ``torch.no_grad``, or when no input requires grad, no gradient is
     computed. Both paths are custom ops with fake kernels, so ``torch.compile(fullgraph=True)`` traces them without a
     graph break (which path is taken is fixed at trace time by grad mode and ``requires_grad``, which dynamo guards on).

@@ -288,8 +288,8 @@ def test_no_gradient_is_formed_when_none_is_needed(monkeypatch, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backward_twice_and_what_is_held_between(reduction, dtype):
     """Between forward and backward the graph holds dh [N, H] in hidden's dtype and dW [V, H], db [V] in the
-    accumulator dtype (float32 here) and a scalar (1 or 1/count), not the inputs; the backward scales them out of place, so a second backward
-    with retain_graph gives the same gradients, and accumulating into .grad twice doubles them."""
+    accumulator dtype (float32 here) and a scalar (1 or 1/count), not the inputs; a backward with retain_graph scales a
+    copy, so a second backward gives the same gradients, and accumulating into .grad twice doubles them."""
     hidden, weight, bias = head_inputs(10, 16, 40, dtype, bias=True)
     labels = make_labels((10,), 40, "cpu")
     inputs = [leaf(t) for t in (hidden, weight, bias)]
@@ -306,6 +306,26 @@ def test_backward_twice_and_what_is_held_between(reduction, dtype):
                                                               reduction=reduction), inputs)
     for leaf_, grad in zip(inputs, once):
         assert_close("grad twice", leaf_.grad, 2 * grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_backward_that_frees_the_graph_hands_over_the_weight_gradient(dtype):
+    """Without retain_graph the saved dW, scaled in place, becomes weight.grad itself (no head-sized copy) where the
+    dtypes agree; with retain_graph, or a bfloat16 weight (dW is float32), .grad is a copy. The gradients are the
+    same either way (the test keeps only the saved tensors' addresses: a reference would make autograd copy)."""
+    hidden, weight, _ = head_inputs(12, 8, 30, dtype)
+    labels = make_labels((12,), 30, "cpu")
+    results = {}
+    for retain in (True, False):
+        inputs = [leaf(hidden), leaf(weight)]
+        addresses = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: addresses.append(t.data_ptr()) or t, lambda t: t):
+            loss = ceu.linear_cross_entropy(*inputs, labels)
+        (0.5 * loss).backward(retain_graph=retain)
+        handed_over = inputs[1].grad.data_ptr() == addresses[1]
+        assert handed_over == (not retain and dtype == torch.float32)
+        results[retain] = [t.grad for t in inputs]
+    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
 
 
 def test_every_ignored_label_gives_zero_connected_gradients_formed_in_the_forward(monkeypatch):
