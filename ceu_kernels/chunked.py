@@ -27,8 +27,8 @@ def _chunk_logits(buffer, hidden_chunk, weight_t, bias):
 
 
 MIN_TILE_COLUMNS = 4096
-"""The narrowest vocabulary tile of the LMF forward (:func:`lmf_tile`): fewer columns per GEMM would cost more in
-per-tile overhead than the wider token block saves."""
+"""The narrowest vocabulary tile of the LMF forward (:func:`lmf_tile`): past it, tokens are split into chunks instead,
+so every GEMM stays wide (at 2048 tokens on the CPU target, tiles of ~4000 and ~16000 columns ran alike)."""
 
 
 def lmf_tile(chunk_size, n_tokens, vocab_size, bytes_per_logit, weight):
