@@ -58,8 +58,6 @@ def _llama(hidden, intermediate, layers, heads, kv_heads, vocab) -> dict:
 E2E_SHAPES = {
     "smollm2-135m": ModelShape("smollm2-135m", SMOLLM2, 8, 256, "float32", 2),
     "llama-3.2-1b": ModelShape("llama-3.2-1b", _llama(2048, 8192, 16, 32, 8, 128256), 8, 1024, "bfloat16", 5),
-    # the CPU suite's: Llama-3.2-1B's vocabulary (the part the fused losses change) on a narrow, shallow body
-    "llama-3.2-1b-cpu": ModelShape("llama-3.2-1b-cpu", _llama(256, 704, 2, 4, 2, 128256), 2, 256, "float32", 3),
     "tiny": ModelShape("tiny", _llama(32, 64, 2, 2, 1, 1000), 2, 16, "float32", 2),
 }
 
@@ -137,21 +135,28 @@ class PDUStep:
         return forget_loss.detach(), retain_loss.detach()
 
 
+def make_step(shape: ModelShape, variant: str, device: torch.device, impl: str = "auto") -> PDUStep:
+    """A variant's step on a fresh model from the shape's weights and batches, its AdamW state allocated."""
+    losses, _, checkpointing = variant.partition("+")
+    model = build_model(shape, device)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    step = PDUStep(model, LOSSES[losses], make_batch(shape, vocab_size, device, seed=1),
+                   make_batch(shape, vocab_size, device, seed=2), impl)
+    step.create_optimizer_state()
+    return step
+
+
 def run_variant(shape: ModelShape, variant: str, device: torch.device, impl: str = "auto") -> dict:
     """Time and peak memory of ``shape.steps`` PDU steps from the model+optimizer state. On a GPU a warm-up step
     comes first; on the CPU the first step is timed too (the median of the steps) and its peak memory measured."""
-    losses, _, checkpointing = variant.partition("+")
+    losses = variant.partition("+")[0]
     row = {"model": shape.name, "tokens_per_batch": shape.batch * shape.seq_len, "dtype": shape.dtype,
            "variant": variant, "impl": impl if losses == "fused" else "–", "status": "ok"}
     try:
-        model = build_model(shape, device)
-        if checkpointing:
-            enable_gradient_checkpointing(model)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        step = PDUStep(model, LOSSES[losses], make_batch(shape, vocab_size, device, seed=1),
-                       make_batch(shape, vocab_size, device, seed=2), impl)
-        step.create_optimizer_state()
+        step = make_step(shape, variant, device, impl)
+        row["params_m"] = sum(p.numel() for p in step.model.parameters()) / 1e6
         probe = MemoryProbe(device)
         if device.type == "cuda":
             step()  # warm-up

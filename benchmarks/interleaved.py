@@ -80,14 +80,7 @@ def e2e_pair(shape: e2e.ModelShape, pair: tuple[str, str], log) -> dict:
     first-step losses must agree)."""
     steps = {}
     for variant in pair:
-        losses, _, checkpointing = variant.partition("+")
-        model = e2e.build_model(shape, torch.device("cpu"))
-        if checkpointing:
-            e2e.enable_gradient_checkpointing(model)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        step = e2e.PDUStep(model, e2e.LOSSES[losses], e2e.make_batch(shape, vocab_size, torch.device("cpu"), seed=1),
-                           e2e.make_batch(shape, vocab_size, torch.device("cpu"), seed=2), "auto")
-        step.create_optimizer_state()
+        step = e2e.make_step(shape, variant, torch.device("cpu"))
         step()  # warm-up: the first step of a process allocates what later steps reuse
         steps[variant] = step
     log(f"{pair}: warmed up")
@@ -119,11 +112,12 @@ def section(meta: dict, micro: list[dict], steps: list[dict], wall_s: float, dry
         line = (f"- {result['title']}: ceu-torch {ours:.2f}× eager-fp32 (target ≥ {target}×: "
                 f"{'meets' if ours >= target else 'misses'})")
         if "compile" in result["speedups"] and result["loss"] == "ce":
-            versus = statistics.median(c / o for c, o in zip(result["times"]["compile"], result["times"]["ceu-torch"]))
+            versus = speedups(result["times"], "compile")["ceu-torch"]
             line += f", {versus:.2f}× torch.compile's speed (target ≥ 1×: {'meets' if versus >= 1 else 'misses'})"
         out.append(line)
     for result in steps:
-        (baseline, fused), (_, speed) = result["times"], list(result["speedups"].items())[1]
+        baseline, fused = result["times"]
+        speed = result["speedups"][fused]
         target = e2e.TARGETS["speed"]
         out.append(f"- {result['title']}: {fused} {speed:.2f}× {baseline}"
                    + (f" (target ≥ {target}×: {'meets' if speed >= target else 'misses'})" if baseline == "eager"

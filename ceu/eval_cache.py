@@ -36,8 +36,14 @@ def cache_key(model, tokenizer, template, eval_sets: dict | None, retain_samples
                 {name: [role, [dict(record) for record in records]] for name, (role, records) in eval_sets.items()},
                 "retain_samples": retain_samples}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    hashed = {}  # a tensor seen under another name (tied embeddings): its bytes once, then that name
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        same = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if same in hashed:
+            digest.update(f"same as {hashed[same]}".encode())
+            continue
+        hashed[same] = name
         digest.update(tensor.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
@@ -69,7 +75,5 @@ def read(key: str) -> tuple[dict | None, float] | None:
         return None
 
 
-def write(key: str, log: dict | None, retain_loss: float) -> Path:
-    path = entry_path(key)
-    write_text(path, json.dumps({"version": VERSION, "log": log, "retain_loss": retain_loss}))
-    return path
+def write(key: str, log: dict | None, retain_loss: float) -> None:
+    write_text(entry_path(key), json.dumps({"log": log, "retain_loss": retain_loss}))

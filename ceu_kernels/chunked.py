@@ -61,10 +61,9 @@ def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
         stop = min(start + rows, n_tokens)
         for first in range(0, vocab_size, columns):
             last = min(first + columns, vocab_size)
-            logits = buffer[: (stop - start) * (last - first)].view(stop - start, last - first)
-            torch.mm(hidden[start:stop], weight[first:last].t(), out=logits)
-            if bias is not None:
-                logits.add_(bias[first:last])
+            tile = buffer[: (stop - start) * (last - first)].view(stop - start, last - first)
+            logits = _chunk_logits(tile, hidden[start:stop], weight[first:last].t(),
+                                   None if bias is None else bias[first:last])
             if first == 0:
                 row_max_argmax(logits, row_max[start:stop], argmax[start:stop])
                 continue

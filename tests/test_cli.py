@@ -363,6 +363,37 @@ def test_learned_and_retain_evaluations_are_cached_by_weights_and_data(tmp_path,
     assert run("new-data")[0] == 3
 
 
+def test_the_cache_key_reads_a_tied_weight_once_and_still_sees_it_change():
+    """GPT-2's head shares the embedding's tensor: its bytes enter the key once (the second name points to the
+    first), and a change to the shared tensor still changes the key."""
+    from ceu.data import QATemplate
+    from ceu.eval_cache import cache_key
+    from helpers import tiny_model
+
+    model = tiny_model("gpt2")
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    reads = []
+    tensor_cpu = torch.Tensor.cpu
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: reads.append(self.data_ptr()) or tensor_cpu(self))
+        key = cache_key(model, _FakeTokenizer(), QATemplate(), None, [], "torch")
+    assert len(reads) == len(set(reads)) == len({t.data_ptr() for t in model.state_dict().values()})
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1
+    assert cache_key(model, _FakeTokenizer(), QATemplate(), None, [], "torch") != key
+
+
+class _FakeTokenizer:
+    """What the cache key reads of a tokenizer, without loading one."""
+    backend_tokenizer = None
+    special_tokens_map = {"eos_token": "</s>"}
+    bos_token_id = eos_token_id = pad_token_id = 0
+    chat_template = None
+
+    def get_vocab(self):
+        return {"a": 0, "b": 1}
+
+
 def test_the_plan_warns_when_lambda_barely_moves():
     from ceu.cli import MIN_DUAL_STEPS, plan_lines
     from ceu.config import UnlearnConfig

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ceu_kernels import chunked, contract
-from helpers import assert_close, head_inputs
+from helpers import assert_close, head_inputs, torch_max_on_float64
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -115,19 +115,19 @@ def test_row_max_argmax_is_torch_max(kind, width, dtype):
 
 @pytest.mark.parametrize("n_tokens,chunk_size", [(2048, None), (256, None), (40, None), (10**6, None), (2048, 100)])
 def test_lmf_tiles_stay_in_the_chunk_buffer(n_tokens, chunk_size):
-    """The LMF forward's tile is never larger than the buffer chunk_rows sizes; past one token chunk it takes every
-    token (down to MIN_TILE_COLUMNS columns) by a vocabulary tile; a given chunk_size keeps whole rows."""
+    """The LMF forward's tile is never larger than the buffer chunk_rows sizes and fills it but for a column; past
+    one chunk of whole rows it takes a vocabulary tile of at least MIN_TILE_COLUMNS; a given chunk_size keeps whole
+    rows."""
     vocab_size, weight = 128256, torch.empty(128256, 256, device="meta")
     rows, columns = chunked.lmf_tile(chunk_size, n_tokens, vocab_size, 4, weight)
-    budget = contract.chunk_rows(chunk_size, vocab_size, 4, weight) * vocab_size
-    assert rows * columns <= max(budget, n_tokens * vocab_size if chunk_size is None and n_tokens <= 256 else 0)
-    if chunk_size is not None:
-        assert (rows, columns) == (chunk_size, vocab_size)
-    elif n_tokens <= 256:  # every token fits one chunk of whole rows
-        assert (rows, columns) == (n_tokens, vocab_size)
+    chunk = contract.chunk_rows(chunk_size, vocab_size, 4, weight)
+    budget = chunk * vocab_size
+    assert 1 <= rows <= n_tokens and rows * columns <= budget
+    if chunk_size is not None or n_tokens <= chunk:
+        assert (rows, columns) == (min(chunk, n_tokens), vocab_size)
     else:
-        assert columns == max(chunked.MIN_TILE_COLUMNS, budget // n_tokens)
-        assert rows == min(n_tokens, budget // columns)
+        assert chunked.MIN_TILE_COLUMNS <= columns < vocab_size
+        assert rows == n_tokens or rows * columns > budget - columns
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -147,10 +147,9 @@ def test_lmf_forward_over_vocabulary_tiles_is_torch_max(monkeypatch, dtype, with
     weight[70] = float("nan")
     bias = torch.randint(-2, 3, (vocab_size + 5,), generator=generator).to(dtype) if with_bias else None
     rows, columns = chunked.lmf_tile(None, n_tokens, vocab_size, hidden.element_size(), weight)
-    assert columns < vocab_size or n_tokens <= rows
+    assert columns < vocab_size  # several vocabulary tiles
     row_max, argmax = chunked.lmf_forward(hidden, weight, bias, vocab_size, None)
-    logits = hidden.double() @ weight[:vocab_size].double().T + (0 if bias is None else bias[:vocab_size].double())
-    expected_max, expected_argmax = torch.max(logits, dim=1)
+    expected_max, expected_argmax = torch_max_on_float64(hidden, weight, bias, vocab_size)
     assert torch.equal(argmax, expected_argmax)
     assert {45, 70} <= set(argmax.tolist()) or n_tokens == 5  # a first NaN in either tile (but in the smallest case)
     assert bool(row_max.isnan().all()) and bool(expected_max.isnan().all())
@@ -165,5 +164,5 @@ def test_lmf_forward_ties_across_tiles_keep_the_first_index(monkeypatch, dtype, 
     hidden = torch.randint(-1, 2, (n_tokens, 4), generator=generator).to(dtype)
     weight = torch.randint(-1, 2, (88, 4), generator=generator).to(dtype)
     row_max, argmax = chunked.lmf_forward(hidden, weight, None, 83, None)
-    expected_max, expected_argmax = torch.max(hidden.double() @ weight[:83].double().T, dim=1)
+    expected_max, expected_argmax = torch_max_on_float64(hidden, weight, None, 83)
     assert torch.equal(argmax, expected_argmax) and torch.equal(row_max.double(), expected_max)
