@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from ceu.config import CHOICES, METHOD, REFERENCE, TRAINING, UnlearnConfig, config_fields
+from ceu.config import CHOICES, METHOD, REFERENCE, TRAINING, ConfigError, UnlearnConfig, check_field, config_fields
 
 DESCRIPTION = """\
 Constrained entropic unlearning: make a language model forget a set of facts (flatten its logits on the forget set)
@@ -130,20 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
                             "TOFU's whole set)")
     _add_tokenizing_arguments(model)
     training = finetune.add_argument_group("training")
-    training.add_argument("--epochs", type=positive_int, default=FINETUNE["epochs"],
+    training.add_argument("--epochs", type=config_value("epochs", int), default=FINETUNE["epochs"],
                           help=f"passes over the data (default: {FINETUNE['epochs']})")
-    training.add_argument("--lr", type=positive_float, default=FINETUNE["lr"],
+    training.add_argument("--lr", type=config_value("lr", float), default=FINETUNE["lr"],
                           help=f"peak learning rate (AdamW, cosine decay after one epoch of warm-up; default: "
                                f"{FINETUNE['lr']:g})")
-    training.add_argument("--batch-size", type=positive_int, default=FINETUNE["batch_size"],
+    training.add_argument("--batch-size", type=config_value("batch_size", int), default=FINETUNE["batch_size"],
                           help=f"samples per optimizer step (default: {FINETUNE['batch_size']})")
-    training.add_argument("--seed", type=int, default=0, help="seed of the data order (default: 0)")
+    training.add_argument("--seed", type=config_value("seed", int), default=0,
+                          help="seed of the data order (default: 0)")
     training.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
     finetune.add_argument("--output-dir", type=Path, default=Path("runs") / "finetune",
                           help="the model folder to write (default: runs/finetune)")
     finetune.add_argument("--overwrite", action="store_true",
                           help="replace the model an earlier `ceu finetune` saved in --output-dir (default: off: a "
                                "non-empty --output-dir is refused; one that holds no config.json always is)")
+    # What Job reads of `ceu unlearn`'s data options: finetune trains on QA records of its --split(s), no retain model.
+    finetune.set_defaults(text=False, forget_split=None, retain_split=None, retain_model=None)
 
     export = commands.add_parser("export-synthetic", help="write the embedded synthetic QA set as a --data folder",
                                  description="Write the embedded default's fictitious-author QA set (TOFU format: "
@@ -218,15 +221,23 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not (0 < value < math.inf):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def config_value(name: str, kind: type):
+    """An argparse type for an option that means what :class:`~ceu.config.UnlearnConfig`'s field ``name`` means: the
+    text read as ``kind``, then the field's own check (:func:`ceu.config.check_field`: finite, in
+    :data:`ceu.config.RANGES`), whose error names the field after argparse's ``argument --option:``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        try:
+            check_field(name, value)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,8 +305,6 @@ def check_arguments(args) -> UnlearnConfig | None:
     if args.overwrite and args.resume_from:
         raise ValueError("--overwrite starts afresh and --resume-from continues a run: give one")
     _check_accelerate_plugins(args.trainer)
-    from ceu.config import ConfigError
-
     try:
         config = _config(args, args.output_dir)
     except ConfigError as error:
@@ -316,7 +325,7 @@ def check_arguments(args) -> UnlearnConfig | None:
 def _check_accelerate_plugins(trainer: str) -> None:
     """An ``accelerate launch`` config that the run would ignore: DeepSpeed or FSDP for ceu's loop (it runs DDP), FSDP
     on CPU for ``--trainer hf`` (accelerate drops it there and runs DDP)."""
-    from ceu.distributed import ACCELERATE_FSDP_DROPPED, accelerate_requested
+    from ceu.distributed import ACCELERATE_FSDP_DROPPED, accelerate_fsdp_dropped, accelerate_requested
 
     plugin = next((name for name in ("DeepSpeed", "FSDP") if accelerate_requested(name)), None)
     if plugin is None:
@@ -325,9 +334,7 @@ def _check_accelerate_plugins(trainer: str) -> None:
         raise ValueError(f"the accelerate launch's {plugin} config is read by --trainer hf only: ceu's loop would "
                          "ignore it and run DDP. Add --trainer hf, or run ceu's loop under torchrun (--parallel fsdp "
                          "to shard)")
-    import torch
-
-    if plugin == "FSDP" and not torch.cuda.is_available():  # ceu.hf.training_arguments then sets use_cpu
+    if accelerate_fsdp_dropped():
         raise ValueError(ACCELERATE_FSDP_DROPPED.format(runs="DDP (accelerate's MULTI_CPU) instead"))
 
 
@@ -562,15 +569,17 @@ def start_distributed():
     import torch
     import torch.distributed as dist
 
+    from ceu.distributed import local_device
+
+    device = local_device()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return device
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
-        return device
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
+    else:
+        dist.init_process_group("gloo")
+    return device
 
 
 def data_parallel(model, how: str, device):
@@ -731,22 +740,17 @@ def run_eval(args) -> int:
 
 def run_finetune(args) -> int:
     """``ceu finetune``: the splits' answers taught to the model (:func:`ceu.finetune.fit`), the model and tokenizer
-    saved as one folder, swapped in whole (:func:`ceu.files.replacing`), with ``finetune.json`` recording how."""
-    import torch
-
-    from ceu.data import QATemplate, load_records, records_name, tokenize_qa
+    saved as one folder, swapped in whole (:func:`ceu.files.replacing`), with ``finetune.json`` recording how. The
+    tokenizer, template, samples and model are the :class:`Job`'s, as ``ceu unlearn`` makes them."""
+    from ceu.distributed import local_device
     from ceu.files import replacing
     from ceu.finetune import fit
-    from ceu.models import load_model, load_tokenizer
 
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    template = QATemplate(chat=args.chat_template or args.system_prompt is not None, system_prompt=args.system_prompt)
-    samples = []
-    for split in args.split:
-        samples += tokenize_qa(load_records(args.data, split), tokenizer, template, args.max_length,
-                               where=records_name(args.data, split))
-    model = load_model(args.model).to("cuda" if torch.cuda.is_available() else "cpu")
+    job = Job(args)
+    tokenizer, template = job.tokenizer, job.template
+    samples = [sample for split in args.split for sample in job.samples(split)]
+    model = job.model("learned").to(local_device())
     print(f"fine-tuning {args.model} on {' + '.join(args.split)} of {args.data} ({len(samples)} QA): {args.epochs} "
           f"epochs, LR {args.lr:g}, batch {args.batch_size}")
     loss = fit(model, samples, tokenizer.pad_token_id, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,

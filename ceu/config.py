@@ -85,15 +85,7 @@ class UnlearnConfig:
 
     def __post_init__(self):
         for spec in fields(self):
-            _check_type(spec, getattr(self, spec.name))
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(name, f"must be one of {choices}, got {getattr(self, name)!r}")
-        for name, (low, high, closed_low) in RANGES.items():
-            value = getattr(self, name)
-            if value is not None and not ((value >= low if closed_low else value > low) and value <= high):
-                bound = f"{'>=' if closed_low else '>'} {low}" if high == math.inf else f"in [{low}, {high}]"
-                raise ConfigError(name, f"must be {bound}, got {value}" + WHY.get(name, ""))
+            _check_field(spec, getattr(self, spec.name))
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ConfigError("checkpoint_every", "needs a checkpoint_dir")
 
@@ -123,6 +115,25 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field} {message}")
         self.field = field
+
+
+def check_field(name: str, value) -> None:
+    """``value`` is one that :class:`UnlearnConfig`'s field ``name`` accepts on its own (its type, choices and
+    :data:`RANGES`; not the checks across fields), else a :class:`ConfigError` naming it: how a command checks an
+    option that means what the field means, with the same words."""
+    _check_field(next(spec for spec in fields(UnlearnConfig) if spec.name == name), value)
+
+
+def _check_field(spec, value) -> None:
+    name = spec.name
+    _check_type(spec, value)
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(name, f"must be one of {CHOICES[name]}, got {value!r}")
+    if name in RANGES and value is not None:
+        low, high, closed_low = RANGES[name]
+        if not ((value >= low if closed_low else value > low) and value <= high):
+            bound = f"{'>=' if closed_low else '>'} {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise ConfigError(name, f"must be {bound}, got {value}" + WHY.get(name, ""))
 
 
 def _check_type(spec, value) -> None:

@@ -23,6 +23,27 @@ def accelerate_requested(plugin: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{plugin.upper()}", "false").lower() == "true"
 
 
+def accelerate_fsdp_dropped(state=None) -> bool:
+    """Whether accelerate was asked for FSDP (:func:`accelerate_requested`) but drops its plugin, as it does everywhere
+    but on GPUs and other accelerators (on CPU it sets up ``MULTI_CPU``, DDP). With ``state``, accelerate's
+    ``AcceleratorState`` once it is set up (``Accelerator.state``): whether it kept no plugin. Without (checking a
+    launch before anything loads): whether this process will run on the CPU (:func:`local_device`), where ceu's
+    Trainer arguments ask accelerate for the CPU (``use_cpu``)."""
+    if not accelerate_requested("fsdp"):
+        return False
+    if state is not None:
+        return getattr(state, "fsdp_plugin", None) is None
+    return local_device().type == "cpu"
+
+
+def local_device() -> torch.device:
+    """This process's device: its local rank's GPU (``LOCAL_RANK``, 0 without a launcher) where there are GPUs, else
+    the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def data_parallel_position() -> tuple[int, int]:
     """``(rank, world size)`` of this process in the default ``torch.distributed`` group; ``(0, 1)`` without one."""
     if dist.is_available() and dist.is_initialized():

@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ceu.config import UnlearnConfig
 from ceu.data import check_answer_tokens, check_not_empty, pad_batch
-from ceu.distributed import ACCELERATE_FSDP_DROPPED, accelerate_requested, distributed_mean
+from ceu.distributed import ACCELERATE_FSDP_DROPPED, accelerate_fsdp_dropped, distributed_mean, local_device
 from ceu.files import replacing
 from ceu.methods import Objective, global_scales
 from ceu.primal_dual import PrimalDual
@@ -257,10 +257,10 @@ def check_fsdp_plugin(accelerator) -> None:
     unsharded replicas. The fused losses read the LM head's weight outside its forward: FSDP2 shards the head with the
     root module, whose parameters stay gathered from the forward to the backward (the layout the ``--parallel fsdp``
     tests cover), while FSDP1's flat parameters are untested here."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if plugin is None and accelerate_requested("fsdp"):
+    if accelerate_fsdp_dropped(accelerator.state):
         raise ValueError(ACCELERATE_FSDP_DROPPED.format(
             runs=f"distributed type {accelerator.state.distributed_type.value} instead"))
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is not None and plugin.fsdp_version == 1:
         raise ValueError("accelerate's FSDP plugin with fsdp_version 1 is not supported by PrimalDualTrainer (the "
                          "fused losses read the LM head's weight outside its forward): set fsdp_version: 2, or use "
@@ -273,7 +273,7 @@ def training_arguments(config: UnlearnConfig, output_dir: str | Path, **override
     :func:`ceu.unlearn` is. The LR warm-up is not among them: :class:`PrimalDualTrainer` takes the ratio from its
     ``unlearn_config`` (Trainer's ``warmup_steps`` cannot say "the whole run": 1.0 means one step). The one
     difference left is the data order: Trainer's sampler shuffles with ``seed`` in its own order."""
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = local_device().type == "cpu"  # what ceu.distributed.accelerate_fsdp_dropped foresees
     bf16 = uses_bf16(config, "cpu" if on_cpu else "cuda")
     settings = dict(output_dir=str(output_dir), per_device_train_batch_size=config.batch_size,
                     gradient_accumulation_steps=config.grad_accum_steps, num_train_epochs=config.epochs,

@@ -452,7 +452,11 @@ def test_export_synthetic_then_finetune_on_it(tmp_path, capsys):
     assert main([*job, "--epochs", "1", "--overwrite"]) == 0
     assert json.loads((out / "finetune.json").read_text())["epochs"] == 1
     assert "holds no config.json" in refused([*job[:-1], str(data), "--overwrite"], capsys)
-    assert "argument --lr: must be a finite number > 0, got 0" in refused([*job, "--lr", "0"], capsys)
+    # the training options are checked as UnlearnConfig's fields of the same name (ceu.config.RANGES)
+    assert "argument --lr: lr must be >= 0, got -1.0" in refused([*job, "--lr=-1"], capsys)
+    assert "argument --epochs: epochs must be > 0, got 0" in refused([*job, "--epochs", "0"], capsys)
+    assert "argument --batch-size: batch_size must be an integer, got '2.5'" in refused([*job, "--batch-size", "2.5"],
+                                                                                        capsys)
 
 
 def test_the_real_demo_fine_tunes_through_ceu_finetune(tmp_path, monkeypatch):
