@@ -3,7 +3,9 @@
 GPU: the CUDA caching allocator's counters (exact, bytes of live tensors). CPU: the process's resident set, read
 from ``/proc/self/status``, with the high-water mark reset through ``/proc/self/clear_refs`` just before the
 operation and freed heap handed back to the system first (``malloc_trim``) so that reused pages do not hide
-allocations. The CPU runner gives each provider a fresh process, so nothing from another provider is resident.
+allocations, and ceu's kept chunk buffer released (:func:`ceu_kernels.chunked.release_workspace`) so that the
+operation counts it, as a first call would. The CPU runner gives each provider a fresh process, so nothing from
+another provider is resident.
 """
 import ctypes
 import ctypes.util
@@ -11,6 +13,8 @@ import gc
 from dataclasses import dataclass
 
 import torch
+
+from ceu_kernels.chunked import release_workspace
 
 MIB = 2**20
 
@@ -33,6 +37,7 @@ class MemoryProbe:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
         else:
+            release_workspace()
             _malloc_trim()
             self._start = _status_kib("VmRSS")
             self._peak_reset = _reset_peak_rss()

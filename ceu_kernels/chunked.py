@@ -4,7 +4,7 @@
 Each chunk of tokens (in the LMF forward, a tile of tokens by vocabulary columns) runs one GEMM into a logits
 buffer that is allocated once and reused, so the extra memory is bounded by :func:`~ceu_kernels.contract.chunk_rows`
 (``CHUNK_BUDGET_BYTES`` and the head's weight; twice that for the cross-entropy, ``CE_CHUNK_WEIGHTS``) whatever the
-number of tokens. The LMF backward is the closed form and runs no GEMM. The GEMMs run in the inputs'
+number of tokens. On a CPU that buffer is kept between calls (:func:`chunk_buffers`). The LMF backward is the closed form and runs no GEMM. The GEMMs run in the inputs'
 dtype, so half-precision logits are rounded before the max and the softmax. The cross-entropy loop with the
 gradients formed in the forward (:func:`fused_ce_loop`) is also the Triton and CUDA backends', with their row kernels.
 
@@ -12,9 +12,48 @@ It lives in ``ceu_kernels`` because it is a backend like the Triton and CUDA one
 registry and held to the same contract; ``ceu.chunked`` still imports it for existing callers. Plain PyTorch only:
 it is also the CPU path and, with ``ceu.reference``, what the other backends are tested against.
 """
+import threading
+
 import torch
 
 from .contract import CE_CHUNK_WEIGHTS, chunk_rows, stat_dtype
+
+
+class _Workspace(threading.local):
+    """Each thread's kept chunk buffer on the CPU (bytes; grown, never shrunk, until released)."""
+    data: torch.Tensor | None = None
+
+
+_workspace = _Workspace()
+
+
+def chunk_buffers(like: torch.Tensor, *shapes_and_dtypes) -> list[torch.Tensor]:
+    """Fresh, uninitialised chunk buffers of the given ``(shape, dtype)``, on ``like``'s device.
+
+    On a CPU they are carved from one buffer kept per thread between calls, as CUDA's caching allocator keeps
+    freed blocks on a GPU: the CPU allocator hands such large blocks back to the system on free, so every call
+    would fault its buffer in again, page by page (about a tenth of a cross-entropy call over 512 tokens on the
+    CPU target). The kept buffer is what one call of the largest problem so far needed (at most
+    ``CE_CHUNK_WEIGHTS`` chunk budgets); :func:`release_workspace` hands it back. Buffers are valid until the
+    thread's next call; nothing a loss returns or saves is carved from them."""
+    sizes = [torch.Size(shape).numel() * dtype.itemsize for shape, dtype in shapes_and_dtypes]
+    if like.device.type != "cpu" or type(like) is not torch.Tensor:  # GPUs cache on their own; fake tensors trace
+        return [torch.empty(shape, dtype=dtype, device=like.device) for shape, dtype in shapes_and_dtypes]
+    # each buffer starts on a multiple of the widest element (8 bytes), so every view is aligned
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + -(-size // 8) * 8)
+    if _workspace.data is None or _workspace.data.numel() < starts[-1]:
+        _workspace.data = None  # free the smaller one first
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            _workspace.data = torch.empty(starts[-1], dtype=torch.uint8)
+    return [_workspace.data[start:start + size].view(dtype).view(shape)
+            for start, size, (shape, dtype) in zip(starts, sizes, shapes_and_dtypes)]
+
+
+def release_workspace() -> None:
+    """Hand the calling thread's kept CPU chunk buffer back (:func:`chunk_buffers`); the next call allocates anew."""
+    _workspace.data = None
 
 
 def _chunk_logits(buffer, hidden_chunk, weight_t, bias):
@@ -53,7 +92,7 @@ def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
     where :func:`first_max` says, so the first index wins as in ``torch.max``."""
     n_tokens = hidden.shape[0]
     rows, columns = lmf_tile(chunk_size, n_tokens, vocab_size, hidden.element_size(), weight)
-    buffer = hidden.new_empty(rows * columns)
+    (buffer,) = chunk_buffers(hidden, ((rows * columns,), hidden.dtype))
     row_max = hidden.new_empty(n_tokens)
     argmax = torch.empty(n_tokens, dtype=torch.int64, device=hidden.device)
     tile_max, tile_argmax = torch.empty_like(row_max[:rows]), torch.empty_like(argmax[:rows])
@@ -163,8 +202,10 @@ def _ce_buffers(hidden, weight, vocab_size, chunk_size, upcast=True):
     half = upcast and hidden.dtype in (torch.float16, torch.bfloat16)
     bytes_per_logit = hidden.element_size() + (4 if half else 0)
     rows = min(chunk_rows(chunk_size, vocab_size, bytes_per_logit, weight, CE_CHUNK_WEIGHTS), max(hidden.shape[0], 1))
-    buffer = hidden.new_empty(rows, vocab_size)
-    buffer_acc = buffer.new_empty(rows, vocab_size, dtype=torch.float32) if half else buffer
+    if not half:
+        (buffer,) = chunk_buffers(hidden, ((rows, vocab_size), hidden.dtype))
+        return rows, buffer, buffer
+    buffer, buffer_acc = chunk_buffers(hidden, ((rows, vocab_size), hidden.dtype), ((rows, vocab_size), torch.float32))
     return rows, buffer, buffer_acc
 
 

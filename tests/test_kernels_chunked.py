@@ -166,3 +166,52 @@ def test_lmf_forward_ties_across_tiles_keep_the_first_index(monkeypatch, dtype, 
     row_max, argmax = chunked.lmf_forward(hidden, weight, None, 83, None)
     expected_max, expected_argmax = torch_max_on_float64(hidden, weight, None, 83)
     assert torch.equal(argmax, expected_argmax) and torch.equal(row_max.double(), expected_max)
+
+
+def test_cpu_chunk_buffers_are_kept_between_calls_and_released():
+    chunked.release_workspace()
+    first, second = chunked.chunk_buffers(torch.empty(0), ((3, 5), torch.float16), ((3, 5), torch.float32))
+    assert (first.shape, first.dtype, second.shape, second.dtype) == ((3, 5), torch.float16, (3, 5), torch.float32)
+    assert second.data_ptr() % 8 == 0 and second.data_ptr() >= first.data_ptr() + first.nbytes  # aligned, disjoint
+    (again,) = chunked.chunk_buffers(torch.empty(0), ((4, 2), torch.float64))
+    assert again.data_ptr() == first.data_ptr()  # the same memory, not a new allocation
+    (larger,) = chunked.chunk_buffers(torch.empty(0), ((1000,), torch.float64))
+    assert larger.numel() == 1000
+    chunked.release_workspace()
+    assert chunked._workspace.data is None
+
+
+def test_cpu_workspace_made_in_inference_mode_is_writable_after_it():
+    chunked.release_workspace()
+    hidden, weight, _ = head_inputs(7, 4, 33, torch.float32)
+    with torch.inference_mode():
+        chunked.lmf_forward(hidden, weight, None, 33, None)
+    labels = torch.randint(0, 33, (7,))
+    loss, *_ = chunked.ce_forward_backward(hidden, weight, None, labels, 33, -100, None, True, True, False)
+    assert torch.isfinite(loss).all()
+    chunked.release_workspace()
+
+
+def test_each_thread_has_its_own_workspace():
+    import threading
+
+    chunked.release_workspace()
+    (mine,) = chunked.chunk_buffers(torch.empty(0), ((16,), torch.float32))
+    pointers = []
+    thread = threading.Thread(target=lambda: pointers.append(
+        chunked.chunk_buffers(torch.empty(0), ((16,), torch.float32))[0].data_ptr()))
+    thread.start()
+    thread.join()
+    assert pointers and pointers[0] != mine.data_ptr()
+    chunked.release_workspace()
+
+
+def test_meta_and_fake_tensors_get_plain_buffers():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    chunked.release_workspace()
+    (meta,) = chunked.chunk_buffers(torch.empty(0, device="meta"), ((2, 3), torch.float32))
+    assert meta.device.type == "meta"
+    with FakeTensorMode() as mode:
+        (fake,) = chunked.chunk_buffers(mode.from_tensor(torch.empty(0)), ((2, 3), torch.float32))
+    assert type(fake) is not torch.Tensor and chunked._workspace.data is None
