@@ -69,8 +69,14 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
 def pair_hidden_states(model, forget: dict, retain: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states of a forget and a retain batch from one forward over both, right-padded to a common
     length, each returned in its own shape. Right padding changes nothing before it (causal attention, padding
-    masked). One forward instead of two: as fast on SmolLM2-135M on a CPU (measured: a tie, with the retain batch
-    padded by an eighth), half the kernel launches of small micro-batches, one FSDP all-gather per layer, not two."""
+    masked, position ids counted from the left). One forward instead of two: as fast on SmolLM2-135M on a CPU
+    (measured: a tie, with the retain batch padded by an eighth), half the kernel launches of small micro-batches, one
+    FSDP all-gather per layer, not two.
+
+    What pairing changes: only rounding (the GEMMs see another batch shape), and, for a model in train mode with
+    dropout, which dropout masks are drawn (one draw over both batches instead of one per batch: the same
+    distribution, another random stream). A layer that mixes the samples of a batch (an MoE router with an expert
+    capacity) would see both batches at once."""
     forget_rows, forget_length = forget["input_ids"].shape
     retain_length = retain["input_ids"].shape[1]
     length = max(forget_length, retain_length)
@@ -81,6 +87,25 @@ def pair_hidden_states(model, forget: dict, retain: dict) -> tuple[torch.Tensor,
 
     hidden = final_hidden_states(model, stacked("input_ids"), stacked("attention_mask"))
     return hidden[:forget_rows, :forget_length], hidden[forget_rows:, :retain_length]
+
+
+def pair_head_inputs(model, forget: dict, retain: dict, train_retain: bool = True):
+    """``(forget_hidden [B_f, T_f, H], retain_hidden [B_r, T_r, H], weight, bias)``: what every method's fused
+    losses are computed from, obtained here for all of them so they share one training semantics.
+
+    ``train_retain`` (every method that trains on both batches): one forward over both (:func:`pair_hidden_states`).
+    False (gradient ascent, whose retain loss is only reported against ε): the retain batch's own forward under
+    ``no_grad``, then the forget batch's, so no graph is built for the retain batch; the caller computes the retain
+    loss under ``no_grad`` too. The head's parameters are read after the forwards (under FSDP2 they are gathered
+    then; :func:`head_parameters`)."""
+    if train_retain:
+        forget_hidden, retain_hidden = pair_hidden_states(model, forget, retain)
+    else:
+        with torch.no_grad():
+            retain_hidden = final_hidden_states(model, retain["input_ids"], retain["attention_mask"])
+        forget_hidden = final_hidden_states(model, forget["input_ids"], forget["attention_mask"])
+    weight, bias = head_parameters(model, forget_hidden.dtype)
+    return forget_hidden, retain_hidden, weight, bias
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
@@ -108,12 +133,49 @@ def head_parameters(model, dtype: torch.dtype):
 
 
 def answer_token_losses(model, batch: dict, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy per answer token ``[B, T-1]`` (0 elsewhere) and the answer-token mask."""
-    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    """Next-token cross-entropy per answer token ``[B, T-1]`` (0 elsewhere) and the answer-token mask, from the
+    batch's own forward (evaluation, fine-tuning, NPO's reference; training pairs its batches:
+    :func:`pair_head_inputs`)."""
+    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
     weight, bias = head_parameters(model, hidden.dtype)
-    targets = batch["labels"][:, 1:]
-    losses = linear_cross_entropy(hidden, weight, targets, bias, reduction="none", impl=impl)
+    return token_losses(hidden, weight, bias, batch["labels"], impl)
+
+
+def token_losses(hidden, weight, bias, labels: torch.Tensor, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token next-token cross-entropy ``[B, T-1]`` (0 off the answer) and the answer mask, from a batch's final
+    hidden states ``[B, T, H]`` and its ``labels`` ``[B, T]``: position t predicts token t+1."""
+    targets = labels[:, 1:]
+    losses = linear_cross_entropy(hidden[:, :-1], weight, targets, bias, reduction="none", impl=impl)
     return losses, targets != IGNORE_INDEX
+
+
+def token_mean(loss, count: torch.Tensor, scale=None, empty_batch: str = "zero") -> torch.Tensor:
+    """A fused loss ``loss(reduction)`` averaged over its ``count`` tokens, the one rule of every method's token
+    means: ``scale`` None: the local mean (0 without tokens); else ``scale · sum`` (with ``scale = world size / global
+    count``, the global mean over data-parallel ranks); ``empty_batch="nan"``, whatever the scale: the reference's
+    local ``sum / count``, 0/0 without tokens."""
+    if empty_batch == "nan":
+        return loss("sum") / count
+    return loss("mean") if scale is None else loss("sum") * scale
+
+
+def retain_nll(hidden, weight, bias, labels: torch.Tensor, config: UnlearnConfig, scale=None) -> torch.Tensor:
+    """The retain cross-entropy, a token mean over the answer tokens, from the retain batch's final hidden states."""
+    targets = labels[:, 1:]
+    return token_mean(lambda reduction: linear_cross_entropy(hidden[:, :-1], weight, targets, bias,
+                                                             reduction=reduction, impl=config.impl),
+                      (targets != IGNORE_INDEX).sum(), scale, config.empty_batch)
+
+
+def pdu_forget_loss(hidden, weight, bias, labels: torch.Tensor, config: UnlearnConfig, scale=None) -> torch.Tensor:
+    """PDU's LMF forget loss, a token mean over the forget positions :func:`forget_answer_mask` counts, from the forget
+    batch's final hidden states."""
+    mask = forget_answer_mask(labels, config)
+    if config.forget_mask == "shifted":
+        hidden = hidden[:, :-1]
+    return token_mean(lambda reduction: linear_lmf_loss(hidden, weight, bias, mask=mask, reduction=reduction,
+                                                        impl=config.impl),
+                      mask.sum(), scale, config.empty_batch)
 
 
 def forget_answer_mask(labels: torch.Tensor, config: UnlearnConfig) -> torch.Tensor:
@@ -144,22 +206,10 @@ def pdu_losses(model, forget: dict, retain: dict, config: UnlearnConfig,
     answer tokens of the global micro-batch`` the mean over data-parallel ranks (DDP's and FSDP's gradient average, the
     all-reduced retain loss) is the global micro-batch's token-mean, however unevenly the ranks' tokens fall.
     """
-    forget_hidden, retain_hidden = pair_hidden_states(model, forget, retain)
-    weight, bias = head_parameters(model, forget_hidden.dtype)
-    forget_mask = forget_answer_mask(forget["labels"], config)
-    if config.forget_mask == "shifted":
-        forget_hidden = forget_hidden[:, :-1]
-    retain_hidden = retain_hidden[:, :-1]
-    retain_targets = retain["labels"][:, 1:]
-    if config.empty_batch == "zero" and token_scales is None:
-        forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, impl=config.impl)
-        retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, impl=config.impl)
-        return forget_loss, retain_loss
-    forget_loss = linear_lmf_loss(forget_hidden, weight, bias, mask=forget_mask, reduction="sum", impl=config.impl)
-    retain_loss = linear_cross_entropy(retain_hidden, weight, retain_targets, bias, reduction="sum", impl=config.impl)
-    if config.empty_batch == "nan":  # the reference's local token-mean, 0/0 on a batch without answer tokens
-        return forget_loss / forget_mask.sum(), retain_loss / (retain_targets != IGNORE_INDEX).sum()
-    return forget_loss * token_scales[0], retain_loss * token_scales[1]
+    forget_hidden, retain_hidden, weight, bias = pair_head_inputs(model, forget, retain)
+    forget_scale, retain_scale = (None, None) if token_scales is None else token_scales
+    return (pdu_forget_loss(forget_hidden, weight, bias, forget["labels"], config, forget_scale),
+            retain_nll(retain_hidden, weight, bias, retain["labels"], config, retain_scale))
 
 
 @torch.no_grad()

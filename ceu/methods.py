@@ -16,9 +16,12 @@ Every method's forget and retain terms come from the final hidden states and the
   whose γ is the forget weight, ``npo_coeff`` in the authors' code; ``src/trainer/unlearn/simnpo.py``).
 
 ``NLL`` is the token-mean cross-entropy over answer tokens (``−NLL_f`` is gradient ascent); the per-sample NLLs are
-sums of :func:`ceu.linear_cross_entropy` with ``reduction="none"``. The non-PDU methods minimise the fixed objective
-``γ·L_f + α·L_r``: their :class:`~ceu.primal_dual.PrimalDual` holds λ = α with a dual step of 0, so both loops run
-every method through the same Lagrangian and log α as λ.
+sums of :func:`ceu.linear_cross_entropy` with ``reduction="none"``. Every method that trains on both batches computes
+its two losses from one model forward over the forget and retain batches together (:func:`ceu.heads.pair_head_inputs`:
+one training semantics for all, half the launches, one FSDP all-gather per layer); gradient ascent, whose retain loss
+is only reported, runs the retain batch's forward under ``no_grad`` instead. The non-PDU methods minimise the fixed
+objective ``γ·L_f + α·L_r``: their :class:`~ceu.primal_dual.PrimalDual` holds λ = α with a dual step of 0, so both
+loops run every method through the same Lagrangian and log α as λ.
 
 Reference-implementation options (open-unlearning's PDU, ``src/trainer/unlearn/pdu.py``):
 
@@ -32,15 +35,18 @@ Reference-implementation options (open-unlearning's PDU, ``src/trainer/unlearn/p
 - ``forget_positions="all"``: the authors' first forget loss (open-unlearning before its "masked loss PDU" change,
   #147): LMF averaged over every position of the padded forget batch, prompt and padding included.
 """
+import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 
 from ceu.config import METHODS, UnlearnConfig
+from ceu.cross_entropy import linear_cross_entropy
 from ceu.data import IGNORE_INDEX, pad_batch
 from ceu.heads import (answer_token_losses, causal_lm, dataset_loss, final_hidden_states, forget_answer_mask,
-                       head_parameters, is_dtensor, pdu_losses)
+                       head_parameters, is_dtensor, pair_head_inputs, pdu_forget_loss, retain_nll, token_losses,
+                       token_mean)
 from ceu.lmf import linear_lmf_loss
 from ceu.primal_dual import PrimalDual
 
@@ -145,7 +151,8 @@ def linear_kl_divergence(hidden, weight, bias, ref_hidden, ref_weight, ref_bias=
 # --- The objective of a run ---------------------------------------------------------------------------------------
 
 def _reduce(total: torch.Tensor, count, scale) -> torch.Tensor:
-    """A local mean (``scale`` None; 0 when nothing counts) or ``scale · total`` (a global mean over ranks)."""
+    """A mean of an already summed loss (the KL's tokens, NPO's samples): local (``scale`` None; 0 when nothing
+    counts) or ``scale · total`` (a global mean over ranks), as :func:`ceu.heads.token_mean`."""
     return total / torch.as_tensor(count, device=total.device).clamp_min(1) if scale is None else total * scale
 
 
@@ -190,24 +197,32 @@ class Objective:
                sample_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L_f, L_r)`` of one micro-batch pair. ``token_scales=(forget, retain)`` and ``sample_scale`` turn the
         local token- and sample-means into ``scale · sum`` (global means over data-parallel ranks, as in
-        :func:`ceu.heads.pdu_losses`); None: local means."""
+        :func:`ceu.heads.pdu_losses`); None: local means.
+
+        Every method that trains on both batches takes their hidden states from one model forward over both
+        (:func:`ceu.heads.pair_head_inputs`); gradient ascent, which only reports its retain loss, runs the retain
+        batch's forward and loss under ``no_grad``."""
+        trains_retain = self.config.method != "gradascent"
+        forget_scale, retain_scale = (None, None) if token_scales is None else token_scales
+        forget_hidden, retain_hidden, weight, bias = pair_head_inputs(model, forget, retain, trains_retain)
+        with contextlib.nullcontext() if trains_retain else torch.no_grad():  # gradascent: reported against ε
+            retain_loss = self.retain_loss(retain_hidden, weight, bias, retain, retain_scale)
+        return self.forget_loss(forget_hidden, weight, bias, forget, forget_scale, sample_scale), retain_loss
+
+    def forget_loss(self, hidden, weight, bias, forget: dict, scale=None, sample_scale=None) -> torch.Tensor:
+        """The method's forget loss from the forget batch's final hidden states ``[B, T, H]``."""
         config, method = self.config, self.config.method
-        if method == "pdu" and config.forget_positions == "answer" and config.retain_loss == "nll":
-            return pdu_losses(model, forget, retain, config, token_scales)
-        retain_scale = None if token_scales is None else token_scales[1]
-        if method == "gradascent":
-            with torch.no_grad():  # reported against ε, not trained on
-                retain_loss = self.retain_loss(model, retain, retain_scale)
-        else:
-            retain_loss = self.retain_loss(model, retain, retain_scale)
-        if method == "pdu":  # forget_positions="all": every position of the padded batch, a local mean
-            hidden = final_hidden_states(model, forget["input_ids"], forget["attention_mask"])
-            weight, bias = head_parameters(model, hidden.dtype)
-            return linear_lmf_loss(hidden, weight, bias, impl=config.impl), retain_loss
-        losses, mask = answer_token_losses(model, forget, config.impl)
+        if method == "pdu" and config.forget_positions == "all":  # every position of the padded batch, a local mean
+            return linear_lmf_loss(hidden, weight, bias, impl=config.impl)
+        if method == "pdu":
+            return pdu_forget_loss(hidden, weight, bias, forget["labels"], config, scale)
+        if method in ("gradascent", "graddiff"):  # −NLL_f, its token mean
+            targets = forget["labels"][:, 1:]
+            return -token_mean(lambda reduction: linear_cross_entropy(hidden[:, :-1], weight, targets, bias,
+                                                                      reduction=reduction, impl=config.impl),
+                               (targets != IGNORE_INDEX).sum(), scale)
+        losses, mask = token_losses(hidden, weight, bias, forget["labels"], config.impl)
         nll, lengths = losses.sum(1), mask.sum(1)  # float32 (float64 for float64 inputs)
-        if method in ("gradascent", "graddiff"):
-            return -_reduce(nll.sum(), lengths.sum(), None if token_scales is None else token_scales[0]), retain_loss
         beta = self.settings["beta"]
         if method == "npo":
             # −β·(log p_θ − log p_ref)
@@ -215,15 +230,14 @@ class Objective:
         else:
             margin = beta * (nll / lengths.clamp_min(1) - self.settings["delta"])
         per_sample = -(2.0 / beta) * F.logsigmoid(margin)
-        return _reduce(per_sample.sum(), len(per_sample), sample_scale), retain_loss
+        return _reduce(per_sample.sum(), len(per_sample), sample_scale)
 
-    def retain_loss(self, model, retain: dict, scale=None) -> torch.Tensor:
-        """Token-mean NLL (or KL to the starting model) over the retain answer tokens."""
+    def retain_loss(self, hidden, weight, bias, retain: dict, scale=None) -> torch.Tensor:
+        """Token-mean NLL (or KL to the starting model) over the retain answer tokens, from the retain batch's final
+        hidden states ``[B, T, H]``; the starting model's forward, for the KL, runs here under ``no_grad``."""
         if self.config.retain_loss == "nll":
-            losses, mask = answer_token_losses(model, retain, self.config.impl)
-            return _reduce(losses.sum(), mask.sum(), scale)
-        hidden = final_hidden_states(model, retain["input_ids"], retain["attention_mask"])[:, :-1]
-        weight, bias = head_parameters(model, hidden.dtype)
+            return retain_nll(hidden, weight, bias, retain["labels"], self.config, scale)
+        hidden = hidden[:, :-1]
         with torch.no_grad():
             ref_hidden = final_hidden_states(self.reference_model, retain["input_ids"],
                                              retain["attention_mask"])[:, :-1].to(hidden.dtype)
@@ -245,7 +259,9 @@ class Objective:
             for start in range(0, len(retain_data), batch_size):
                 batch = {k: v.to(device) for k, v in pad_batch(retain_data[start:start + batch_size],
                                                                 pad_token_id).items()}
-                total += self.retain_loss(model, batch, scale=1.0).item()
+                hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+                weight, bias = head_parameters(model, hidden.dtype)
+                total += self.retain_loss(hidden, weight, bias, batch, scale=1.0).item()
                 count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             return total / max(count, 1)
         finally:

@@ -1,5 +1,6 @@
-"""ceu.methods: each method's losses and gradients on the fused path against an eager float64 reference on
-materialised logits (a tiny Llama with a biased head, ragged prompts and answers, right padding), the fused KL
+"""ceu.methods: each method's losses and gradients on the fused path, from one forward over both batches, against an
+eager float64 reference on materialised logits from the model's own separate forwards (a tiny Llama with a biased
+head, ragged prompts and answers, right padding, forget and retain batches of different lengths), the fused KL
 between two heads, and the methods' settings."""
 import copy
 import math
@@ -17,19 +18,27 @@ from helpers import TINY_VOCAB, assert_close, forbid_head_calls, head_inputs, ti
 
 
 def ragged_samples(count, seed):
-    """Prompts of 2-5 tokens and answers of 1-4 tokens, so the padded batches mix every length."""
+    """Prompts of 2-5 tokens and answers of 1-4 tokens, so the padded batches mix lengths 3 to 9."""
     generator = torch.Generator().manual_seed(seed)
     samples = []
     for index in range(count):
-        prompt, answer = 2 + index % 4, 1 + (index * 3) % 4
+        prompt, answer = 2 + index % 4, 1 + (index // 2) % 4
         ids = torch.randint(3, TINY_VOCAB, (prompt + answer,), generator=generator).tolist()
         samples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
     return samples
 
 
 def float64_model():
+    """The tiny Llama in float64, its LM head given a bias (the fused losses' bias path)."""
     model = tiny_model().double()
     model.config.use_cache = False
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, dtype=torch.float64)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(0.1 * torch.randn(head.out_features, generator=torch.Generator().manual_seed(11),
+                                            dtype=torch.float64))
+    model.set_output_embeddings(biased)
     return model
 
 
@@ -41,30 +50,39 @@ def perturb(model, seed=3, scale=0.05):
             parameter += scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
 
 
+def logits_of(model, batch):
+    """The batch's logits from the model's own forward, on that batch alone."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
 def eager_token_nll(model, batch):
     """Per-token answer NLL ``[B, T-1]`` (0 elsewhere) and the answer mask, from the model's own logits."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = logits_of(model, batch)[:, :-1]
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none") * mask
     return nll, mask
 
 
-def eager_losses(method, model, start, forget, retain, beta=None, delta=0.0, retain_loss="nll"):
-    """The methods' definitions written out on materialised float64 logits."""
+def eager_losses(method, model, start, forget, retain, beta=None, delta=0.0, retain_loss="nll", forget_mask="shifted"):
+    """The methods' definitions written out on materialised float64 logits, one forward per batch."""
     if retain_loss == "nll":
         nll_r, mask_r = eager_token_nll(model, retain)
         retain_value = nll_r.sum() / mask_r.sum()
     else:
-        logits = model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits[:, :-1]
+        logits = logits_of(model, retain)[:, :-1]
         with torch.no_grad():
-            ref = start(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits[:, :-1]
+            ref = logits_of(start, retain)[:, :-1]
         mask_r = retain["labels"][:, 1:] != IGNORE_INDEX
         kl = F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
         retain_value = (kl * mask_r).sum() / mask_r.sum()
-    if method == "pdu_all":
-        logits = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits
-        return lmf_loss(logits), retain_value
+    if method == "pdu_all":  # every position of the forget batch's own padded shape
+        return lmf_loss(logits_of(model, forget)), retain_value
+    if method == "pdu":
+        logits, labels = logits_of(model, forget), forget["labels"]
+        if forget_mask == "shifted":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return lmf_loss(logits, labels != IGNORE_INDEX), retain_value
     nll, mask = eager_token_nll(model, forget)
     if method in ("gradascent", "graddiff"):
         return -nll.sum() / mask.sum(), retain_value
@@ -80,13 +98,20 @@ def eager_losses(method, model, start, forget, retain, beta=None, delta=0.0, ret
 
 CASES = [("gradascent", {}), ("graddiff", {}), ("npo", {}), ("npo", {"beta": 0.7}), ("simnpo", {}),
          ("simnpo", {"beta": 2.0, "delta": 0.3}), ("graddiff", {"retain_loss": "kl"}),
+         ("pdu", {}), ("pdu", {"retain_loss": "kl"}), ("pdu", {"forget_mask": "unshifted"}),
          ("pdu_all", {}), ("pdu_all", {"retain_loss": "kl"})]
 
 
+@pytest.mark.parametrize("longer", ["retain", "forget"])
 @pytest.mark.parametrize("method,options", CASES, ids=[f"{m}-{o}" for m, o in CASES])
-def test_losses_and_gradients_match_eager_float64(method, options):
-    forget_data, retain_data = ragged_samples(5, seed=1), ragged_samples(6, seed=2)
+def test_one_forward_losses_and_gradients_match_two_forwards_eager_float64(method, options, longer):
+    """Every method's losses and parameter gradients from one forward over both batches (the model called once per
+    micro-batch; gradient ascent: twice, its retain forward without a graph) equal the definitions on each batch's own
+    forward, whichever batch the pairing pads."""
+    forget_data = ragged_samples(5, seed=1)  # padded to 7 tokens
+    retain_data = ragged_samples(7, seed=2) if longer == "retain" else ragged_samples(3, seed=2)  # 8 or 6 tokens
     forget, retain = pad_batch(forget_data, 0), pad_batch(retain_data, 0)
+    assert (forget["input_ids"].shape[1] < retain["input_ids"].shape[1]) == (longer == "retain")
     model = float64_model()
     start = copy.deepcopy(model).eval()
     settings = dict(options, method="pdu", forget_positions="all") if method == "pdu_all" else \
@@ -94,15 +119,20 @@ def test_losses_and_gradients_match_eager_float64(method, options):
     config = UnlearnConfig(impl="torch", **settings)
     objective = Objective(model, forget_data, config)  # NPO's reference and the KL copy: the starting model
     perturb(model)
-    model.eval()
+    model.train()  # the training step's mode (the tiny Llama has no dropout)
     parameters = [p for p in model.parameters()]
 
+    forwards = []
+    counter = model.model.register_forward_pre_hook(lambda *_: forwards.append(1))
     hook = forbid_head_calls(model)
     forget_loss, retain_loss = objective.losses(model, forget, retain)
     hook.remove()
+    counter.remove()
+    assert len(forwards) == (2 if method == "gradascent" else 1)
     beta = hyperparameters(config)["beta"]
     expected_forget, expected_retain = eager_losses(method, model, start, forget, retain, beta,
-                                                    options.get("delta", 0.0), options.get("retain_loss", "nll"))
+                                                    options.get("delta", 0.0), options.get("retain_loss", "nll"),
+                                                    options.get("forget_mask", "shifted"))
     assert_close("forget loss", forget_loss, expected_forget, torch.float64)
     assert_close("retain loss", retain_loss, expected_retain, torch.float64)
     if method == "npo":  # the reference is the starting model's, not the current one's: the margin is not 0
@@ -114,10 +144,10 @@ def test_losses_and_gradients_match_eager_float64(method, options):
     ours = torch.autograd.grad(weights[0] * forget_loss + weights[1] * retain_loss, parameters, allow_unused=True)
     expected = torch.autograd.grad(weights[0] * expected_forget + weights[1] * expected_retain, parameters,
                                    allow_unused=True)
-    for index, (got, want) in enumerate(zip(ours, expected)):
-        got = torch.zeros_like(parameters[index]) if got is None else got
-        want = torch.zeros_like(parameters[index]) if want is None else want
-        assert_close(f"grad {index}", got, want, torch.float64)
+    for (name, parameter), got, want in zip(model.named_parameters(), ours, expected):
+        got = torch.zeros_like(parameter) if got is None else got
+        want = torch.zeros_like(parameter) if want is None else want
+        assert_close(f"grad {name}", got, want, torch.float64)
 
 
 def test_npo_starts_at_its_fixed_point_and_padding_changes_nothing():
@@ -136,8 +166,8 @@ def test_scales_give_sums_for_global_means():
     forget_data, retain_data = ragged_samples(4, seed=6), ragged_samples(3, seed=7)
     forget, retain = pad_batch(forget_data, 0), pad_batch(retain_data, 0)
     model = float64_model()
-    for method in ("graddiff", "simnpo"):
-        objective = Objective(model, forget_data, UnlearnConfig(impl="torch", method=method))
+    for method, options in (("graddiff", {}), ("simnpo", {}), ("pdu", {"retain_loss": "kl"})):
+        objective = Objective(model, forget_data, UnlearnConfig(impl="torch", method=method, **options))
         mean_forget, mean_retain = objective.losses(model, forget, retain)
         forget_tokens = sum(int(sum(label != IGNORE_INDEX for label in s["labels"][1:])) for s in forget_data)
         retain_tokens = sum(int(sum(label != IGNORE_INDEX for label in s["labels"][1:])) for s in retain_data)
