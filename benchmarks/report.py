@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .e2e import TARGETS as E2E_TARGETS
 from .providers import PROVIDERS
-from .shapes import CPU_CE_TARGET_TOKENS, CPU_TARGET_TOKENS, GPU_HEADLINE, HEADS
+from .shapes import CPU_CE_TARGET_TOKENS, CPU_TARGET_TOKENS, GPU_HEADLINE, HEADS, TARGETS, verdict
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
@@ -271,7 +270,8 @@ def lmf_gradient_mb(tokens: int, preset: str = "cpu-target") -> float:
 
 
 def key_ratios(suite: str, rows: list[dict], e2e_rows: list[dict]) -> list[str]:
-    """The issue's targets, each with the measured figure and whether it is met; absent figures say so."""
+    """The issue's targets (:data:`benchmarks.shapes.TARGETS`), each with the measured figure and whether it is met;
+    absent figures say so."""
     by_key = _lookup(rows)
     lines = []
 
@@ -279,23 +279,20 @@ def key_ratios(suite: str, rows: list[dict], e2e_rows: list[dict]) -> list[str]:
         row = by_key.get((loss, preset, tokens, dtype, provider, "full"), {})
         return row if row.get("status") == "ok" else None
 
-    def verdict(value, target, higher_is_better):
-        return "meets" if (value >= target if higher_is_better else value <= target) else "misses"
-
     if suite == "cpu":
         lmf = ("lmf", "cpu-target", CPU_TARGET_TOKENS, "float32")
         ours, eager = full(*lmf, "ceu-torch"), full(*lmf, "eager-fp32")
         name = f"LMF fwd+bwd, tokens {CPU_TARGET_TOKENS}, H 256, V 128256, float32"
         if ours and eager:
             speedup = eager["median_ms"] / ours["median_ms"]
-            lines.append(f"{name}: ceu-torch is {speedup:.2f}× faster than eager-fp32 (target ≥ 2.9×: "
-                         f"{verdict(speedup, 2.9, True)})")
+            lines.append(f"{name}: ceu-torch is {speedup:.2f}× faster than eager-fp32 (target "
+                         f"{TARGETS['cpu_lmf_speed']}×: {verdict('cpu_lmf_speed', speedup)})")
             if ours.get("peak_mb") is not None and eager.get("peak_mb"):
                 share = ours["peak_mb"] / eager["peak_mb"]
                 lines.append(f"{name}: ceu-torch's peak memory over the inputs is {share:.4f} of eager-fp32's "
-                             f"({ours['peak_mb']:.1f} vs {eager['peak_mb']:.0f} MiB; target ≤ 0.06: "
-                             f"{verdict(share, 0.06, False)}; the returned dW and dh alone are "
-                             f"{lmf_gradient_mb(CPU_TARGET_TOKENS):.1f} MiB)")
+                             f"({ours['peak_mb']:.1f} vs {eager['peak_mb']:.0f} MiB; target "
+                             f"{TARGETS['cpu_lmf_memory']}: {verdict('cpu_lmf_memory', share)}; the returned dW and "
+                             f"dh alone are {lmf_gradient_mb(CPU_TARGET_TOKENS):.1f} MiB)")
         else:
             lines.append(f"{name}: not measured in this run")
         for tokens in CPU_CE_TARGET_TOKENS:
@@ -306,15 +303,16 @@ def key_ratios(suite: str, rows: list[dict], e2e_rows: list[dict]) -> list[str]:
                 lines.append(f"{name}: not measured in this run")
                 continue
             speedup = eager["median_ms"] / ours["median_ms"]
-            line = f"{name}: ceu-torch is {speedup:.2f}× faster than eager-fp32 (target ≥ 1.3×: " \
-                   f"{verdict(speedup, 1.3, True)})"
+            line = f"{name}: ceu-torch is {speedup:.2f}× faster than eager-fp32 (target " \
+                   f"{TARGETS['cpu_ce_speed']}×: {verdict('cpu_ce_speed', speedup)})"
             if compiled:
                 versus = compiled["median_ms"] / ours["median_ms"]
-                line += f", {versus:.2f}× torch.compile's speed (target ≥ 1×: {verdict(versus, 1.0, True)})"
+                line += (f", {versus:.2f}× torch.compile's speed (target {TARGETS['cpu_ce_vs_compile']}×: "
+                         f"{verdict('cpu_ce_vs_compile', versus)})")
             if tokens == CPU_TARGET_TOKENS and ours.get("peak_mb") is not None and eager.get("peak_mb"):
                 share = ours["peak_mb"] / eager["peak_mb"]
-                line += f", peak memory over the inputs {share:.3f} of eager-fp32's (target ≤ 0.15: " \
-                        f"{verdict(share, 0.15, False)})"
+                line += f", peak memory over the inputs {share:.3f} of eager-fp32's (target " \
+                        f"{TARGETS['cpu_ce_memory']}: {verdict('cpu_ce_memory', share)})"
             for peer in ("cce-compile",):
                 if row := full(*ce, peer):
                     line += f"; {row['median_ms'] / ours['median_ms']:.2f}× {peer}'s speed"
@@ -330,11 +328,11 @@ def key_ratios(suite: str, rows: list[dict], e2e_rows: list[dict]) -> list[str]:
             best = min(ours, key=lambda r: r["median_ms"])
             ratio = best["median_ms"] / floor["median_ms"]
             lines.append(f"{name}: best backend {best['provider']} takes {ratio:.2f}× the GEMM floor "
-                         f"(target ≤ 1.15×: {verdict(ratio, 1.15, False)})")
+                         f"(target {TARGETS['gpu_lmf_floor']}×: {verdict('gpu_lmf_floor', ratio)})")
             if eager:
                 speedup = eager["median_ms"] / best["median_ms"]
-                lines.append(f"{name}: {best['provider']} is {speedup:.2f}× faster than eager-fp32 (target ≥ 3×: "
-                             f"{verdict(speedup, 3.0, True)})")
+                lines.append(f"{name}: {best['provider']} is {speedup:.2f}× faster than eager-fp32 (target "
+                             f"{TARGETS['gpu_lmf_speed']}×: {verdict('gpu_lmf_speed', speedup)})")
         else:
             lines.append(f"{name}: not measured in this run")
         ours = [r for p in ("ceu-torch", "ceu-triton", "ceu-cuda") if (r := full("ce", *head, p))]
@@ -345,8 +343,8 @@ def key_ratios(suite: str, rows: list[dict], e2e_rows: list[dict]) -> list[str]:
             time_ratio = best["median_ms"] / cce["median_ms"]
             memory_ratio = best["peak_mb"] / cce["peak_mb"] if cce.get("peak_mb") else float("nan")
             lines.append(f"{name}: best backend {best['provider']} takes {time_ratio:.2f}× cut-cross-entropy's time "
-                         f"and {memory_ratio:.2f}× its peak memory (target ≤ 1× both: "
-                         f"{verdict(max(time_ratio, memory_ratio), 1.0, False)})")
+                         f"and {memory_ratio:.2f}× its peak memory (target {TARGETS['gpu_ce_vs_cce']}× both: "
+                         f"{verdict('gpu_ce_vs_cce', max(time_ratio, memory_ratio))})")
         else:
             lines.append(f"{name}: no comparison with cut-cross-entropy in this run")
     variants = {r["variant"]: r for r in e2e_rows if r.get("status") == "ok"}
@@ -355,17 +353,18 @@ def key_ratios(suite: str, rows: list[dict], e2e_rows: list[dict]) -> list[str]:
         speedup = eager["median_ms"] / fused["median_ms"]
         saving = eager["peak_mb"] / fused["peak_mb"]
         total_saving = eager["total_peak_mb"] / fused["total_peak_mb"]
-        targets = (f" (targets ≥ 1.5× and ≥ 2×: {verdict(speedup, 1.5, True)}, {verdict(saving, 2.0, True)})"
-                   if suite == "gpu" else f" (target ≥ {E2E_TARGETS['speed']}×: "
-                   f"{verdict(speedup, E2E_TARGETS['speed'], True)})")
+        targets = (f" (targets {TARGETS['gpu_e2e_speed']}× and {TARGETS['gpu_e2e_memory_saving']}×: "
+                   f"{verdict('gpu_e2e_speed', speedup)}, {verdict('gpu_e2e_memory_saving', saving)})"
+                   if suite == "gpu" else
+                   f" (target {TARGETS['cpu_e2e_speed']}×: {verdict('cpu_e2e_speed', speedup)})")
         lines.append(f"PDU step, {eager['model']}: fused over eager, speed-up {speedup:.2f}×, peak memory over the "
                      f"model+optimizer state {saving:.2f}× smaller ({total_saving:.2f}× counting that state){targets}")
         checkpointed = variants.get("fused+checkpointing")
         if checkpointed is not None and suite == "cpu":
             share = checkpointed["peak_mb"] / eager["peak_mb"]
             lines.append(f"PDU step, {eager['model']}: fused with gradient checkpointing holds {share:.2f} of eager's "
-                         f"peak memory over the model+optimizer state (target ≤ {E2E_TARGETS['checkpointed_memory']}: "
-                         f"{verdict(share, E2E_TARGETS['checkpointed_memory'], False)})")
+                         f"peak memory over the model+optimizer state (target "
+                         f"{TARGETS['cpu_e2e_checkpointed_memory']}: {verdict('cpu_e2e_checkpointed_memory', share)})")
     return lines
 
 
