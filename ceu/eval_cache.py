@@ -8,7 +8,11 @@ class, config and generation config; the tokenizer (its rules and vocabulary, sp
 prompt template (chat template, system prompt); the eval sets' records; the tokenised retain samples (so
 ``--max-length`` too); the loss backend, device type, torch and transformers versions; and :data:`VERSION`, bumped
 whenever ceu's evaluation changes what it measures. Entries live in ``<cache root>/evals/<key>.json``
-(:func:`ceu.synthetic.cache_root`), written atomically (:func:`ceu.files.write_text`).
+(:func:`ceu.files.cache_root`), written atomically (:func:`ceu.files.write_text`).
+
+Hashing reads every weight, so :func:`lookup` does it once per run and where the model was loaded: before it is moved
+to the device it will be measured on (no device-to-host copy, and none at all on a hit), and under
+``torch.distributed`` on rank 0 only, which sends the key and the entry to the other ranks.
 """
 import dataclasses
 import hashlib
@@ -17,19 +21,24 @@ from pathlib import Path
 
 import torch
 
-from ceu.files import write_text
+from ceu.files import cache_root, write_text
 
 VERSION = 1  # bump when ceu.eval.evaluate_model or ceu.heads.dataset_loss changes what they return
 
 
-def cache_key(model, tokenizer, template, eval_sets: dict | None, retain_samples: list[dict], impl: str) -> str:
-    """The hex digest naming ``model``'s evaluation on these sets with these settings (see the module docstring)."""
+def cache_key(model, tokenizer, template, eval_sets: dict | None, retain_samples: list[dict], impl: str,
+              device: str | torch.device | None = None) -> str:
+    """The hex digest naming ``model``'s evaluation on ``device`` (default: where its weights are) on these sets
+    with these settings (see the module docstring). Reads every weight: a model on an accelerator is copied to the
+    host, so hash it before moving it there (:func:`lookup`)."""
     import transformers
+
+    device = next(model.parameters()).device if device is None else torch.device(device)
 
     config = {key: value for key, value in model.config.to_dict().items() if key != "_name_or_path"}
     generation = getattr(model, "generation_config", None)
     settings = {"version": VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
-                "impl": impl, "device": next(model.parameters()).device.type, "class": type(model).__name__,
+                "impl": impl, "device": device.type, "class": type(model).__name__,
                 "config": config, "generation": generation.to_dict() if generation is not None else None,
                 "tokenizer": _tokenizer_state(tokenizer), "template": dataclasses.asdict(template),
                 "eval_sets": None if eval_sets is None else
@@ -59,9 +68,28 @@ def _tokenizer_state(tokenizer) -> dict:
             "chat_template": getattr(tokenizer, "chat_template", None)}
 
 
-def entry_path(key: str) -> Path:
-    from ceu.synthetic import cache_root
+def lookup(model, tokenizer, template, eval_sets: dict | None, retain_samples: list[dict], impl: str,
+           device: str | torch.device | None = None) -> tuple[str, tuple[dict | None, float] | None]:
+    """``(key, entry)``: the :func:`cache_key` of ``model``'s evaluation on ``device`` and what :func:`read` finds
+    under it. Pass the model as loaded and the device it will be measured on: it is hashed where it is and neither
+    moved nor copied (on a hit it need never go to the device). Under ``torch.distributed`` rank 0 alone hashes and
+    reads, then broadcasts both, so every rank gets the same key and takes the same branch (hit or measure); only
+    rank 0 should :func:`write`. Every rank of the default group must call it."""
+    import torch.distributed as dist
 
+    from ceu.distributed import data_parallel_position
+
+    rank, world_size = data_parallel_position()
+    found = [None, None]
+    if rank == 0:
+        key = cache_key(model, tokenizer, template, eval_sets, retain_samples, impl, device)
+        found = [key, read(key)]
+    if world_size > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0], found[1]
+
+
+def entry_path(key: str) -> Path:
     return cache_root() / "evals" / f"{key}.json"
 
 

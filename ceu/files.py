@@ -3,6 +3,7 @@
 Every file ceu writes (results, evaluation logs, plots, checkpoints, the saved model folder, a resumed run's log)
 goes through :func:`replacing`: it is written under a temporary name in the same folder, flushed to disk and renamed
 over the old one (``os.replace``, atomic on POSIX); a write that fails removes its temporary and leaves the old file.
+What runs repeat (stage-one models, evaluations) is cached under :func:`cache_root`.
 """
 import contextlib
 import os
@@ -31,6 +32,14 @@ def replacing(path: str | os.PathLike):
     finally:
         _remove(temporary)
     _flush_to_disk(path.parent)
+
+
+def cache_root() -> Path:
+    """Where ceu caches what runs repeat (stage-one models, evaluations): ``$CEU_CACHE``, else
+    ``$XDG_CACHE_HOME/ceu`` (``~/.cache/ceu``)."""
+    if os.environ.get("CEU_CACHE"):
+        return Path(os.environ["CEU_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ceu"
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

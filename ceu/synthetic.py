@@ -11,7 +11,6 @@ Stage one trains the "learned" model on everything (as TOFU fine-tunes on its fu
 everything but forget10; both are cached (``$CEU_CACHE``, else ``~/.cache/ceu``) so later runs skip them.
 """
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ceu.data import QATemplate, tokenize_qa
-from ceu.files import write_text
+from ceu.files import cache_root, write_text
 from ceu.finetune import fit
 
 VERSION = 1
@@ -225,14 +224,6 @@ class TinyLlama:
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id)
         return LlamaForCausalLM(config)
-
-
-def cache_root() -> Path:
-    """Where ceu caches what runs repeat (stage-one models, evaluations): ``$CEU_CACHE``, else
-    ``$XDG_CACHE_HOME/ceu`` (``~/.cache/ceu``)."""
-    if os.environ.get("CEU_CACHE"):
-        return Path(os.environ["CEU_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ceu"
 
 
 @dataclass

@@ -393,3 +393,95 @@ def test_any_log_is_scored_finite_or_refused_with_a_value_error(log, other):
     except ValueError:
         return
     assert math.isfinite(summary["model_utility"]) and 0 <= summary["forget_quality"] <= 1
+
+
+# ceu.eval_cache.lookup: the evaluation cache's key, hashed once per run, where the model was loaded.
+class _Tokenizer:
+    """What the cache key reads of a tokenizer, without loading one."""
+    backend_tokenizer = None
+    special_tokens_map = {"eos_token": "</s>"}
+    bos_token_id = eos_token_id = pad_token_id = 0
+    chat_template = None
+
+    def get_vocab(self):
+        return {"a": 0, "b": 1}
+
+
+def _lookup(model, device=None):
+    from ceu.data import QATemplate
+    from ceu.eval_cache import lookup
+
+    return lookup(model, _Tokenizer(), QATemplate(), None, [{"input_ids": [1, 2]}], "torch", device)
+
+
+def test_lookup_hashes_the_model_where_it_is_for_the_device_it_will_run_on(tmp_path, monkeypatch):
+    """The key names the device the model will be measured on, yet the model is hashed where it was loaded: not
+    moved, and no weight copied (a CPU tensor's ``.cpu()`` is itself); a miss, then the entry written under the key."""
+    import torch
+
+    from ceu import eval_cache
+    from ceu.data import QATemplate
+    from helpers import tiny_model
+
+    monkeypatch.setenv("CEU_CACHE", str(tmp_path))
+    model = tiny_model("gpt2")
+    where = {name: (tensor.device, tensor.data_ptr()) for name, tensor in model.state_dict().items()}
+    copies = []
+    tensor_cpu = torch.Tensor.cpu
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: (lambda out: copies.append(out is not self) or out)(
+            tensor_cpu(self, *a, **k)))
+        key, entry = _lookup(model, device="cuda")
+    assert copies and not any(copies)
+    assert {name: (tensor.device, tensor.data_ptr()) for name, tensor in model.state_dict().items()} == where
+    assert entry is None and eval_cache.entry_path(key) == tmp_path / "evals" / f"{key}.json"
+    arguments = (model, _Tokenizer(), QATemplate(), None, [{"input_ids": [1, 2]}], "torch")
+    assert key == eval_cache.cache_key(*arguments, device=torch.device("cuda"))
+    assert key != eval_cache.cache_key(*arguments) == _lookup(model)[0]  # where the model is: the CPU
+    eval_cache.write(key, {"forget10": {}}, 1.5)
+    assert _lookup(model, device="cuda") == (key, ({"forget10": {}}, 1.5))
+
+
+class _Config:
+    def to_dict(self):
+        return {"hidden_size": 4}
+
+
+def _lookup_on_rank(rank, init_file, results):
+    import torch
+    import torch.distributed as dist
+
+    from ceu import eval_cache
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        hashed = []
+        key_of = eval_cache.cache_key
+        eval_cache.cache_key = lambda *args, **kwargs: hashed.append(1) or key_of(*args, **kwargs)
+        model = torch.nn.Linear(4, 4)  # what the key reads of a model, without loading a transformers model
+        model.config = _Config()
+        first = _lookup(model)
+        if rank == 0:
+            eval_cache.write(first[0], None, 2.5)
+        dist.barrier()
+        results[rank] = (first, _lookup(model), len(hashed))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torch_distributed_rank_0_alone_hashes_and_reads_and_every_rank_gets_its_answer(tmp_path, monkeypatch):
+    """Two gloo ranks: rank 0 hashes the model (once per lookup) and reads the cache, rank 1 hashes nothing and
+    receives the same key and entry, so both take the same branch: measure on a miss, the entry on a hit."""
+    import uuid
+
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("CEU_CACHE", str(tmp_path / "cache"))  # the spawned ranks inherit it
+    results = mp.Manager().dict()
+    mp.spawn(_lookup_on_rank, args=(str(tmp_path / f"init-{uuid.uuid4().hex}"), results), nprocs=2)
+    (first, second, hashed), (first_1, second_1, hashed_1) = results[0], results[1]
+    assert (hashed, hashed_1) == (2, 0)
+    assert first == first_1 and first[1] is None
+    assert second == second_1 == (first[0], (None, 2.5))

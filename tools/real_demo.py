@@ -6,11 +6,16 @@ a small fictitious QA set in TOFU's format (:func:`ceu.synthetic.make_world` wit
 system prompt: once on everything ("learned") and once without the forget split ("retain", the gold model of forget
 quality). Then ``ceu unlearn`` runs on the learned
 model with that folder, exactly as a user would, and prints the before/after table. The fine-tuned models are cached
-in the output folder, so a second run only unlearns and evaluates.
+in the output folder, so a second run only unlearns and evaluates: a model is reused only when the ``finetune.json``
+saved with it records the settings this run would fine-tune with (:func:`refit_reason`) and its data has not changed
+since (a split file is rewritten only when its content changes, so its time says when); else it is fine-tuned again.
 
     python -m tools.real_demo [--output-dir runs/real-demo] [--threads 2]
 """
 import argparse
+import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,20 +29,88 @@ UNLEARN = ["--epochs", "6", "--lr", "5e-5", "--batch-size", "4", "--lambda-init"
            "--dual-warmup-epochs", "0", "--epsilon-alpha", "0.5"]
 
 
-def fine_tune(folder: Path, split: str, data: Path, threads: int, say=print) -> Path:
-    """SmolLM2 trained on ``split`` plus the held sets (as TOFU fine-tunes before unlearning) by ``ceu finetune``,
-    saved to ``folder``; reused when already there (the command swaps the folder in whole once saved)."""
-    from ceu import cli
+def finetune_argv(folder: Path, split: str, data: Path, threads: int) -> list[str]:
+    """The ``ceu finetune`` command line that trains SmolLM2 on ``split`` plus the held sets into ``folder``."""
     from ceu.models import smollm2_gguf
 
-    if (folder / "config.json").is_file():
-        say(f"reusing {folder}")
-        return folder
     splits = [argument for name in (split, *HELD) for argument in ("--split", name)]
-    if cli.main(["finetune", "--model", str(smollm2_gguf()), "--data", str(data), *splits, "--system-prompt", "",
-                 "--threads", str(threads), "--output-dir", str(folder), *FIT]) != 0:
+    return ["finetune", "--model", str(smollm2_gguf()), "--data", str(data), *splits, "--system-prompt", "",
+            "--threads", str(threads), "--output-dir", str(folder), *FIT]
+
+
+def finetune_settings(argv: list[str]) -> dict:
+    """What ``finetune.json`` records of how ``ceu finetune`` with ``argv`` trains (as :func:`ceu.cli.run_finetune`
+    writes it; the outcome, final loss and time, left out), and the number of QA when the split files are there."""
+    from ceu import cli
+
+    args = cli.build_parser().parse_args(argv)
+    settings = {"model": args.model, "data": args.data, "splits": args.split,
+                "template": {"chat": args.chat_template or args.system_prompt is not None,
+                             "system_prompt": args.system_prompt},
+                "max_length": args.max_length, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                "seed": args.seed}
+    files = [Path(args.data) / f"{name}.json" for name in args.split]
+    if all(path.is_file() for path in files):  # JSON Lines as export_world writes them: one QA a line
+        settings["samples"] = sum(len(path.read_text().splitlines()) for path in files)
+    return settings
+
+
+def refit_reason(folder: Path, settings: dict, data_files=()) -> str | None:
+    """Why the model saved in ``folder`` is not one ``ceu finetune`` made with ``settings`` on the current
+    ``data_files`` (None when it is, to reuse it): no ``finetune.json``, an unreadable one, settings that differ from
+    ``settings`` (each named with both values), or a data file modified after it was written."""
+    record_path = folder / "finetune.json"
+    try:
+        record = json.loads(record_path.read_text())
+    except FileNotFoundError:
+        return f"it holds no {record_path.name}, so what it was fine-tuned on and how is unknown"
+    except (OSError, ValueError) as error:
+        return f"its {record_path.name} is unreadable ({error})"
+    if not isinstance(record, dict):
+        return f"its {record_path.name} holds no settings"
+    differences = [f"{name} {record[name]!r} (this run: {value!r})" if name in record else
+                   f"{name} not recorded (this run: {value!r})" for name, value in settings.items()
+                   if record.get(name, KeyError) != value]
+    if differences:
+        return f"its {record_path.name} records other settings: {', '.join(differences)}"
+    written = record_path.stat().st_mtime
+    changed = [str(path) for path in data_files if Path(path).is_file() and Path(path).stat().st_mtime > written]
+    if changed:
+        return f"its data changed after it was fine-tuned: {', '.join(changed)}"
+    return None
+
+
+def fine_tune(folder: Path, split: str, data: Path, threads: int, say=print) -> Path:
+    """SmolLM2 trained on ``split`` plus the held sets (as TOFU fine-tunes before unlearning) by ``ceu finetune``,
+    saved to ``folder``; reused when already there, fine-tuned with these settings on this data (:func:`refit_reason`),
+    else fine-tuned again, saying why on stderr (the command swaps the folder in whole once saved)."""
+    from ceu import cli
+
+    argv = finetune_argv(folder, split, data, threads)
+    if (folder / "config.json").is_file():
+        settings = finetune_settings(argv)
+        reason = refit_reason(folder, settings, [Path(data) / f"{name}.json" for name in settings["splits"]])
+        if reason is None:
+            say(f"reusing {folder}")
+            return folder
+        print(f"fine-tuning {folder} again: {reason}", file=sys.stderr)
+        argv.append("--overwrite")  # replaces that saved model folder, whole
+    if cli.main(argv) != 0:
         raise RuntimeError(f"ceu finetune of {folder} failed")
     return folder
+
+
+def export_data(folder: Path, world: dict) -> None:
+    """:func:`ceu.synthetic.export_world` into ``folder``, rewriting only the split files whose content changes, so
+    that a file's modification time says when its data last changed (:func:`refit_reason` compares it)."""
+    from ceu.files import write_text
+    from ceu.synthetic import export_world
+
+    with tempfile.TemporaryDirectory() as fresh:
+        for path in export_world(fresh, world):
+            target, text = folder / path.name, path.read_text()
+            if not target.is_file() or target.read_text() != text:
+                write_text(target, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ceu import cli
-    from ceu.synthetic import export_world, make_world
+    from ceu.synthetic import make_world
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out = args.output_dir
     world = make_world(N_AUTHORS, SEED)
     world.update({split: world[split][:count] for split, count in HELD.items()})
-    export_world(out / "data", world)
+    export_data(out / "data", world)
     learned = fine_tune(out / "learned", "full", out / "data", args.threads)
     retain = fine_tune(out / "retain", RETAIN_SPLIT, out / "data", args.threads)
     print(f"fine-tuned in {time.perf_counter() - start:.0f} s; unlearning {FORGET_SPLIT} with ceu unlearn")
