@@ -18,7 +18,16 @@ against a reference.
   exactly.
 - **Exact** (``torch.equal``): where bitwise equality is the claim: argmax indices, planted ties, determinism and
   resumed runs, autocast changing nothing, every rank holding the same values.
+
+Last, launching two processes on this machine (torchrun, ``accelerate launch`` with or without a config file) for the
+tests of the launched runs.
 """
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._pytree import tree_leaves
@@ -369,3 +378,54 @@ def forbid_head_calls(model):
         raise AssertionError("the training step called the LM head module")
 
     return lm_head(model).register_forward_pre_hook(fail)
+
+
+# ---- two launched processes on this machine (CPU, gloo) --------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun() -> list[str]:
+    """``torchrun`` on two processes, the arguments after ``python``."""
+    return ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+            str(free_port())]
+
+
+def accelerate_launch(config: Path | None = None) -> list[str]:
+    """``accelerate launch`` on two processes, the arguments after ``python``: with ``config`` (from
+    :func:`accelerate_config`), or else ``--multi_gpu``, which runs torchrun (``--cpu`` starts one process only;
+    ``use_cpu=True`` in the training arguments then sets up MULTI_CPU with gloo)."""
+    how = ["--config_file", str(config)] if config is not None else [
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+        "no"]
+    return ["-m", "accelerate.commands.launch", *how, "--main_process_port", str(free_port())]
+
+
+def accelerate_config(folder: Path, distributed_type: str, **settings) -> Path:
+    """``folder``/accelerate.yaml, an accelerate launch config for two CPU processes on this machine:
+    ``distributed_type`` and its ``settings`` (e.g. ``fsdp_config={...}``)."""
+    import yaml
+
+    config = {"compute_environment": "LOCAL_MACHINE", "distributed_type": distributed_type, **settings,
+              "num_machines": 1, "num_processes": 2, "use_cpu": True, "machine_rank": 0, "rdzv_backend": "static",
+              "same_network": True}
+    path = folder / "accelerate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch(arguments: list[str], folder: Path, timeout: float = 300) -> str:
+    """Runs ``python *arguments`` from the repository root with one thread per process and ``HF_HOME`` in ``folder``
+    (no accelerate config of the machine's user can change the launch); asserts that it succeeded and returns its
+    standard output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(folder / "hf"), "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, *arguments], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done.stdout

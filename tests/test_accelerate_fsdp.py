@@ -6,42 +6,30 @@ it loads anything, ``PrimalDualTrainer`` when its accelerator comes up. ceu's ow
 under torchrun) does shard on CPUs: tests/test_distributed.py. Last, ``ceu unlearn`` without ``--trainer hf`` refuses
 a launch's DeepSpeed or FSDP config, which its loop would ignore."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import accelerate_config, accelerate_launch, launch
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="accelerate is not installed: the launcher under test is missing")
 import accelerate_fsdp_script as script  # noqa: E402 (after the skips: it imports transformers)
-from test_accelerate_launch import free_port  # noqa: E402
 from test_cli import nothing_may_load, refused  # noqa: E402, F401 (a fixture)
 
 from ceu.cli import main  # noqa: E402
 
 SCRIPT = Path(script.__file__).resolve()
-ROOT = SCRIPT.parent.parent
-FSDP2_CONFIG = ["compute_environment: LOCAL_MACHINE", "distributed_type: FSDP", "fsdp_config:", "  fsdp_version: 2",
-                "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
-                "  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer", "  fsdp_reshard_after_forward: true",
-                "  fsdp_state_dict_type: FULL_STATE_DICT", "mixed_precision: 'no'", "num_machines: 1",
-                "num_processes: 2", "use_cpu: true", "machine_rank: 0", "rdzv_backend: static", "same_network: true",
-                ""]
+FSDP2_CONFIG = {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer", "fsdp_reshard_after_forward": True,
+                "fsdp_state_dict_type": "FULL_STATE_DICT"}
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, accelerate applies its FSDP plugin")
 
 
 @CPU_ONLY
 def test_an_fsdp2_launch_on_cpu_runs_ddp_and_primal_dual_trainer_refuses_it(tmp_path):
-    config = tmp_path / "accelerate.yaml"
-    config.write_text("\n".join(FSDP2_CONFIG))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--main_process_port", str(free_port()), str(SCRIPT), str(tmp_path)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    config = accelerate_config(tmp_path, "FSDP", fsdp_config=FSDP2_CONFIG, mixed_precision="no")
+    launch([*accelerate_launch(config), str(SCRIPT), str(tmp_path)], tmp_path, timeout=240)
     result = json.loads((tmp_path / "fsdp.json").read_text())
     # the trap: the request reached the process, yet a plain Trainer trained DDP replicas, without a word
     assert result["requested"] == "true"
@@ -59,6 +47,16 @@ def test_the_cli_refuses_an_fsdp_launch_on_cpu_before_loading(tmp_path, monkeypa
     assert "accelerate was asked for FSDP" in error and "runs DDP (accelerate's MULTI_CPU) instead" in error
 
 
+def test_the_cli_lets_an_fsdp_launch_through_where_there_is_a_gpu(tmp_path, monkeypatch):
+    """On GPUs accelerate applies its FSDP plugin, so the launch's config is for --trainer hf to use (the GPU faked: the
+    check reads only whether there is one)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("ceu.cli.run_unlearn", lambda args, config: 0)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # the embedded default's 1 thread
+    assert main(["unlearn", "--trainer", "hf", "--output-dir", str(tmp_path / "out")]) == 0
+
+
 @pytest.mark.parametrize("variable, plugin",
                          [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
 def test_ceus_loop_refuses_a_launch_config_only_the_trainer_reads(tmp_path, monkeypatch, capsys, nothing_may_load,
@@ -69,4 +67,5 @@ def test_ceus_loop_refuses_a_launch_config_only_the_trainer_reads(tmp_path, monk
     assert f"the accelerate launch's {plugin} config is read by --trainer hf only" in error
     monkeypatch.delenv(variable)
     monkeypatch.setattr("ceu.cli.run_unlearn", lambda args, config: 0)  # without the launch's config it starts
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # the embedded default's 1 thread
     assert main(["unlearn", "--output-dir", str(tmp_path / "out")]) == 0

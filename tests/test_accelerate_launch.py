@@ -4,36 +4,19 @@ test_hf.py runs the Trainer in one process; what only a launched run shows is th
 the fused losses (the LM head is used outside the forward), that the dual update's all-reduce keeps one λ on every
 rank, and that accelerate's sampler hands the ranks disjoint data. ``accelerate launch --cpu`` starts one process
 (several only through mpirun), so the launch is ``--multi_gpu``, which runs torchrun; with ``use_cpu=True`` in the
-script accelerate then sets up MULTI_CPU with gloo.
+script accelerate then sets up MULTI_CPU with gloo (helpers.accelerate_launch).
 """
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import accelerate_launch, launch, tiny_model
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="accelerate is not installed: the launcher under test is missing")
 import accelerate_pdu_script as script  # after the skips: it imports transformers
 
 SCRIPT = Path(script.__file__).resolve()
-ROOT = SCRIPT.parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_command(out_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), str(SCRIPT), str(out_dir)]
 
 
 def test_trainer_refuses_ddp_unused_parameter_search(tmp_path):
@@ -49,11 +32,7 @@ def test_trainer_refuses_ddp_unused_parameter_search(tmp_path):
 
 
 def test_accelerate_launch_two_cpu_ranks_keep_one_lambda_and_one_model(tmp_path):
-    # HF_HOME: no accelerate config of the machine's user can change the launch
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(launch_command(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-                          check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    launch([*accelerate_launch(), str(SCRIPT), str(tmp_path)], tmp_path, timeout=240)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
 
     steps = script.EPOCHS * script.FORGET // (script.BATCH_SIZE * script.GRAD_ACCUM * 2)

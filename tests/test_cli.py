@@ -1,24 +1,15 @@
 """The ``ceu`` command: help, a tiny end-to-end run on a saved Hugging Face model, and scoring TOFU's logs."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import accelerate_launch, launch, torchrun
 
 from ceu.cli import build_parser, main
 
 TOFU_LOGS = Path(__file__).resolve().parent / "fixtures" / "tofu_legacy"  # TOFU's own logs, trimmed (see README)
-
-
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Each test's evaluation cache (and stage-one cache) in its own folder: none leaks into ~/.cache or another test."""
-    monkeypatch.setenv("CEU_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("own_cache")  # tests/conftest.py: each test's ceu cache in its own folder
 
 
 def test_help_explains_the_commands(capsys):
@@ -67,17 +58,30 @@ def write_jsonl(path, records):
     path.write_text("\n".join(json.dumps(record) for record in records))
 
 
-def tiny_job(tmp_path, eval_sets: bool = True) -> list[str]:
-    """A tiny saved Llama (also the retain model) and 4 forget / 4 retain samples in TOFU's folder layout: the
-    arguments of `ceu unlearn` on them (without the perturbed splits, no TOFU evaluation: faster)."""
+def save_tiny_model(folder, seed: int = 0, scale: float = 1.0):
+    """A tiny Llama with the word-level tokenizer of `make_world(10)`, saved to ``folder`` (its weights times
+    ``scale``)."""
     pytest.importorskip("transformers")
     from ceu.synthetic import TinyLlama, build_tokenizer, make_world
 
+    tokenizer = build_tokenizer(make_world(n_authors=10))
+    model = TinyLlama(hidden_size=16, intermediate_size=32, num_attention_heads=2).build(tokenizer, seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def tiny_job(tmp_path, eval_sets: bool = True) -> list[str]:
+    """A tiny saved Llama (:func:`save_tiny_model`, also the retain model) and 4 forget / 4 retain samples of
+    `make_world(10)` in TOFU's folder layout: the arguments of `ceu unlearn` on them (without the perturbed splits, no
+    TOFU evaluation: faster)."""
+    from ceu.synthetic import make_world
+
     world = make_world(n_authors=10)
-    tokenizer = build_tokenizer(world)
     model_dir, data = tmp_path / "model", tmp_path / "data"
-    TinyLlama(hidden_size=16, intermediate_size=32, num_attention_heads=2).build(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    save_tiny_model(model_dir)
     data.mkdir()
     forget, retain = world["forget10"][:4], world["retain90"][:4]
     for name, records in {"forget10": forget, "retain90": retain, "forget10_perturbed": forget,
@@ -144,57 +148,65 @@ def test_resume_from_a_checkpoint_on_the_command_line(tmp_path, capsys):
     assert "lr 0.001 (checkpoint) != 0.002 (now)" in error and "epsilon 0.0 (checkpoint) != 0.1 (now)" in error
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def launched_job(tmp_path, eval_sets: bool = True, *loop_options: str) -> list[str]:
+    """:func:`tiny_job` with the settings of the launched runs: 2 epochs, lambda moving from the first step."""
+    return [*tiny_job(tmp_path, eval_sets), *loop_options, "--epochs", "2", "--epsilon", "0", "--lambda-init", "1",
+            "--dual-warmup-epochs", "0"]
 
 
-TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-            "{port}", "-m", "ceu"]
-ACCELERATE = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "{port}", "-m", "ceu"]
-LAUNCHES = {  # the README's multi-GPU commands on two CPU processes: launcher, loop options
-    "torchrun-ddp": (TORCHRUN, ["--parallel", "ddp"]),
-    "torchrun-fsdp": (TORCHRUN, ["--parallel", "fsdp"]),
-    "accelerate-trainer": (ACCELERATE, ["--trainer", "hf"]),
-}
+def launch_ceu(launcher: list[str], job: list[str], out_dir: Path, *extra: str) -> str:
+    """`ceu` on ``job`` under ``launcher`` (two ranks, one sample each per micro-batch), into ``out_dir``: its
+    output."""
+    return launch([*launcher, "-m", "ceu", *job, "--batch-size", "1", "--threads", "1", "--output-dir", str(out_dir),
+                   *extra], out_dir.parent)
 
 
-@pytest.mark.parametrize("launch", list(LAUNCHES))
-def test_two_launched_processes_match_one_process_with_the_global_batch(tmp_path, launch):
-    """Each rank takes its share of every global micro-batch (torchrun: ceu's plan; accelerate: Trainer's sampler),
-    the losses are the global micro-batch's token-means although the ranks' answer-token counts differ, and λ steps
-    from the all-reduced retain loss: the saved model (gathered from the FSDP shards, or a replica) and the λ
-    trajectory equal those of one process with the same loop taking both ranks' samples at once."""
-    launcher, loop_options = LAUNCHES[launch]
-    if launcher is ACCELERATE:
-        pytest.importorskip("accelerate")
-    job = [*tiny_job(tmp_path), *loop_options, "--epochs", "2", "--epsilon", "0", "--lambda-init", "1",
-           "--dual-warmup-epochs", "0"]
-    port = free_port()
-    command = [sys.executable, *(argument.format(port=port) for argument in launcher), *job, "--batch-size", "1",
-               "--threads", "1", "--output-dir", str(tmp_path / "two")]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert "on 2 ranks" in run.stdout
+def assert_matches_one_process(printed: str, job: list[str], tmp_path, launched: str = "two") -> dict:
+    """The run launched into ``tmp_path``/``launched`` (its output ``printed``) against one process running ``job``
+    with the global batch of 2 (``tmp_path``/one): rank 0 alone reported; the same steps, λ trajectory, retain loss
+    after unlearning and saved model (gathered from FSDP shards or ZeRO-3 partitions, or a replica), which moved away
+    from the learned one. Returns the launched run's results."""
+    assert "on 2 ranks" in printed and printed.count("results, log, plot and model in") == 1
     assert main([*job, "--batch-size", "2", "--output-dir", str(tmp_path / "one")]) == 0
-    two, one = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one"))
+    two, one = (json.loads((tmp_path / name / "results.json").read_text()) for name in (launched, "one"))
     assert two["steps"] == one["steps"] == 4
     assert two["final_lambda"] == pytest.approx(one["final_lambda"], rel=1e-5) and one["final_lambda"] > 50
+    assert two["unlearned"]["retain_loss"] == pytest.approx(one["unlearned"]["retain_loss"], rel=1e-5)
     two_log, one_log = ([json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-                        for name in ("two", "one"))
-    assert [line["step"] for line in two_log] == [1, 2, 3, 4]
+                        for name in (launched, "one"))
+    assert [line["step"] for line in two_log] == [1, 2, 3, 4]  # one writer
     assert [line["lambda"] for line in two_log] == pytest.approx([line["lambda"] for line in one_log], rel=1e-5)
     from transformers import AutoModelForCausalLM
 
-    learned = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
-    two_ranks, one_process = (AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").state_dict()
-                              for name in ("two", "one"))
+    learned, two_ranks, one_process = (AutoModelForCausalLM.from_pretrained(path).state_dict()
+                                       for path in (tmp_path / "model", tmp_path / launched / "model",
+                                                    tmp_path / "one" / "model"))
     assert max((one_process[name] - learned[name]).abs().max() for name in learned) > 1e-3
+    assert two_ranks.keys() == one_process.keys()
     for name, value in one_process.items():
         torch.testing.assert_close(two_ranks[name], value, rtol=1e-4, atol=5e-5)
+    return two
+
+
+LAUNCHES = {  # the README's multi-GPU commands on two CPU processes: launcher, loop options
+    "torchrun-ddp": (torchrun, ["--parallel", "ddp"]),
+    "torchrun-fsdp": (torchrun, ["--parallel", "fsdp"]),
+    "accelerate-trainer": (accelerate_launch, ["--trainer", "hf"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAUNCHES))
+def test_two_launched_processes_match_one_process_with_the_global_batch(tmp_path, name):
+    """Each rank takes its share of every global micro-batch (torchrun: ceu's plan; accelerate: Trainer's sampler),
+    the losses are the global micro-batch's token-means although the ranks' answer-token counts differ, and λ steps
+    from the all-reduced retain loss: the saved model (gathered from the FSDP shards, or a replica) and the λ
+    trajectory equal those of one process with the same loop taking both ranks' samples at once. (The same under a
+    DeepSpeed ZeRO-3 launch: tests/test_zero3.py.)"""
+    launcher, loop_options = LAUNCHES[name]
+    if launcher is accelerate_launch:
+        pytest.importorskip("accelerate")
+    job = launched_job(tmp_path, True, *loop_options)
+    assert_matches_one_process(launch_ceu(launcher(), job, tmp_path / "two"), job, tmp_path)
 
 
 # Issue 12: what `ceu unlearn` refuses before it loads or evaluates anything, each naming the option (or file).
@@ -312,20 +324,6 @@ def test_eval_refuses_to_replace_an_earlier_eval_json(tmp_path, capsys, nothing_
 
 
 # Issue 17 §3: the evaluation cache, the plan warning, `ceu finetune` and `ceu export-synthetic`.
-def save_tiny_model(folder, seed: int, scale: float = 1.0):
-    """A tiny Llama with the word-level tokenizer of `make_world(10)`, saved to ``folder`` (its weights times
-    ``scale``)."""
-    from ceu.synthetic import TinyLlama, build_tokenizer, make_world
-
-    tokenizer = build_tokenizer(make_world(n_authors=10))
-    model = TinyLlama(hidden_size=16, intermediate_size=32, num_attention_heads=2).build(tokenizer, seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(scale)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 def test_learned_and_retain_evaluations_are_cached_by_weights_and_data(tmp_path, capsys, monkeypatch, own_cache):
     """A second run reuses the learned and retain-only models' evaluations (the unlearned model is always measured);
     new weights under the same path, changed eval data or --no-eval-cache measure again."""

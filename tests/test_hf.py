@@ -142,7 +142,7 @@ def test_trainer_run_refuses_empty_data_and_samples_without_answer_tokens(tmp_pa
         unlearn_with_trainer(tiny_model(), truncated, qa_samples(2), config, output_dir=tmp_path)
 
 
-def test_fsdp_plugin_version_1_is_refused_and_version_2_accepted():
+def test_fsdp_plugin_version_1_is_refused_and_version_2_accepted(monkeypatch):
     # accelerate applies its FSDP plugin only on GPUs (a CPU launch runs DDP), so the check is tested on its input
     from types import SimpleNamespace
 
@@ -150,9 +150,16 @@ def test_fsdp_plugin_version_1_is_refused_and_version_2_accepted():
 
     def accelerator(version):
         plugin = None if version is None else SimpleNamespace(fsdp_version=version)
-        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin,
+                                                     distributed_type=SimpleNamespace(value="MULTI_CPU")))
 
     with pytest.raises(ValueError, match="fsdp_version 1 is not supported"):
         check_fsdp_plugin(accelerator(1))
     check_fsdp_plugin(accelerator(2))
     check_fsdp_plugin(accelerator(None))
+    # asked for FSDP (ceu.distributed.accelerate_fsdp_dropped): no plugin kept is refused, whatever the device
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="accelerate was asked for FSDP .* distributed type MULTI_CPU instead"):
+        check_fsdp_plugin(accelerator(None))
+    check_fsdp_plugin(accelerator(2))
