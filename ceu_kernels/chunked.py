@@ -4,9 +4,10 @@
 Each chunk of tokens (in the LMF forward, a tile of tokens by vocabulary columns) runs one GEMM into a logits
 buffer that is allocated once and reused, so the extra memory is bounded by :func:`~ceu_kernels.contract.chunk_rows`
 (``CHUNK_BUDGET_BYTES`` and the head's weight; twice that for the cross-entropy, ``CE_CHUNK_WEIGHTS``) whatever the
-number of tokens. On a CPU that buffer is kept between calls (:func:`chunk_buffers`). The LMF backward is the closed form and runs no GEMM. The GEMMs run in the inputs'
-dtype, so half-precision logits are rounded before the max and the softmax. The cross-entropy loop with the
-gradients formed in the forward (:func:`fused_ce_loop`) is also the Triton and CUDA backends', with their row kernels.
+number of tokens; on a CPU the cross-entropy's is kept between calls (:func:`chunk_buffers`). The LMF backward is
+the closed form and runs no GEMM. The GEMMs run in the inputs' dtype, so half-precision logits are rounded before
+the max and the softmax. The cross-entropy loop with the gradients formed in the forward (:func:`fused_ce_loop`) is
+also the Triton and CUDA backends', with their row kernels.
 
 It lives in ``ceu_kernels`` because it is a backend like the Triton and CUDA ones, selected by the same name
 registry and held to the same contract; ``ceu.chunked`` still imports it for existing callers. Plain PyTorch only:
@@ -27,27 +28,32 @@ class _Workspace(threading.local):
 _workspace = _Workspace()
 
 
-def chunk_buffers(like: torch.Tensor, *shapes_and_dtypes) -> list[torch.Tensor]:
+def chunk_buffers(like: torch.Tensor, *shapes_and_dtypes, grow: bool = True) -> list[torch.Tensor]:
     """Fresh, uninitialised chunk buffers of the given ``(shape, dtype)``, on ``like``'s device.
 
     On a CPU they are carved from one buffer kept per thread between calls, as CUDA's caching allocator keeps
     freed blocks on a GPU: the CPU allocator hands such large blocks back to the system on free, so every call
     would fault its buffer in again, page by page (about a tenth of a cross-entropy call over 512 tokens on the
-    CPU target). The kept buffer is what one call of the largest problem so far needed (at most
-    ``CE_CHUNK_WEIGHTS`` chunk budgets); :func:`release_workspace` hands it back. Buffers are valid until the
-    thread's next call; nothing a loss returns or saves is carved from them."""
+    CPU target). ``grow=False`` only borrows a kept buffer that is already large enough, else allocates a
+    transient one: the LMF's backward forms a ``dW`` that a buffer it kept would sit beside, lifting its peak
+    above its floor; the cross-entropy forms its ``dW`` beside its buffer anyway. :func:`release_workspace`
+    hands the kept buffer back. Buffers are valid until the thread's next call; nothing a loss returns or saves
+    is carved from them."""
     sizes = [torch.Size(shape).numel() * dtype.itemsize for shape, dtype in shapes_and_dtypes]
-    if like.device.type != "cpu" or type(like) is not torch.Tensor:  # GPUs cache on their own; fake tensors trace
-        return [torch.empty(shape, dtype=dtype, device=like.device) for shape, dtype in shapes_and_dtypes]
     # each buffer starts on a multiple of the widest element (8 bytes), so every view is aligned
     starts = [0]
     for size in sizes:
         starts.append(starts[-1] + -(-size // 8) * 8)
-    if _workspace.data is None or _workspace.data.numel() < starts[-1]:
-        _workspace.data = None  # free the smaller one first
+    kept = _workspace.data
+    fits = kept is not None and kept.numel() >= starts[-1]
+    if like.device.type != "cpu" or type(like) is not torch.Tensor or not (fits or grow):
+        # GPUs cache on their own; fake and meta tensors trace
+        return [torch.empty(shape, dtype=dtype, device=like.device) for shape, dtype in shapes_and_dtypes]
+    if not fits:
+        _workspace.data = kept = None  # free the smaller one first
         with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
-            _workspace.data = torch.empty(starts[-1], dtype=torch.uint8)
-    return [_workspace.data[start:start + size].view(dtype).view(shape)
+            _workspace.data = kept = torch.empty(starts[-1], dtype=torch.uint8)
+    return [kept[start:start + size].view(dtype).view(shape)
             for start, size, (shape, dtype) in zip(starts, sizes, shapes_and_dtypes)]
 
 
@@ -92,7 +98,7 @@ def lmf_forward(hidden, weight, bias, vocab_size, chunk_size):
     where :func:`first_max` says, so the first index wins as in ``torch.max``."""
     n_tokens = hidden.shape[0]
     rows, columns = lmf_tile(chunk_size, n_tokens, vocab_size, hidden.element_size(), weight)
-    (buffer,) = chunk_buffers(hidden, ((rows * columns,), hidden.dtype))
+    (buffer,) = chunk_buffers(hidden, ((rows * columns,), hidden.dtype), grow=False)
     row_max = hidden.new_empty(n_tokens)
     argmax = torch.empty(n_tokens, dtype=torch.int64, device=hidden.device)
     tile_max, tile_argmax = torch.empty_like(row_max[:rows]), torch.empty_like(argmax[:rows])
@@ -205,7 +211,8 @@ def _ce_buffers(hidden, weight, vocab_size, chunk_size, upcast=True):
     if not half:
         (buffer,) = chunk_buffers(hidden, ((rows, vocab_size), hidden.dtype))
         return rows, buffer, buffer
-    buffer, buffer_acc = chunk_buffers(hidden, ((rows, vocab_size), hidden.dtype), ((rows, vocab_size), torch.float32))
+    shape = (rows, vocab_size)
+    buffer, buffer_acc = chunk_buffers(hidden, (shape, hidden.dtype), (shape, torch.float32))
     return rows, buffer, buffer_acc
 
 

@@ -215,3 +215,19 @@ def test_meta_and_fake_tensors_get_plain_buffers():
     with FakeTensorMode() as mode:
         (fake,) = chunked.chunk_buffers(mode.from_tensor(torch.empty(0)), ((2, 3), torch.float32))
     assert type(fake) is not torch.Tensor and chunked._workspace.data is None
+
+
+def test_lmf_borrows_a_kept_buffer_but_never_keeps_one():
+    """The LMF's dW must not sit beside a buffer it kept (its memory floor); one the cross-entropy keeps anyway is
+    borrowed when large enough."""
+    chunked.release_workspace()
+    hidden, weight, _ = head_inputs(9, 4, 40, torch.float32)
+    chunked.lmf_forward(hidden, weight, None, 40, None)
+    assert chunked._workspace.data is None
+    (small,) = chunked.chunk_buffers(hidden, ((8,), torch.float32))
+    (transient,) = chunked.chunk_buffers(hidden, ((64,), torch.float32), grow=False)
+    assert transient.data_ptr() != small.data_ptr() and chunked._workspace.data.numel() == 32  # not grown
+    (large,) = chunked.chunk_buffers(hidden, ((1000,), torch.float32))
+    (borrowed,) = chunked.chunk_buffers(hidden, ((64,), torch.float32), grow=False)
+    assert borrowed.data_ptr() == large.data_ptr()
+    chunked.release_workspace()
