@@ -507,24 +507,29 @@ class Job:
         return sets
 
 
-def measure(job: Job, model, eval_sets, retain_samples, cache: bool = False, say=print) -> tuple[dict | None, float]:
-    """The evaluation log of ``model`` (None without eval sets) and its retain loss (the constrained quantity).
+def measure(job: Job, model, eval_sets, retain_samples, cache: bool = False, say=print,
+            device=None) -> tuple[dict | None, float]:
+    """The evaluation log of ``model`` (None without eval sets) and its retain loss (the constrained quantity), measured
+    on ``device`` (default: where the model is), to which the model is moved in place when it is measured.
 
     ``cache``: reuse an earlier measurement of the same weights on the same data with the same settings, or store
     this one (:mod:`ceu.eval_cache`); only for the models every run measures alike (learned, retain-only), never the
-    unlearned one. Rank 0 stores it."""
+    unlearned one. The key is hashed before the model is moved (a hit leaves it where it was loaded), by rank 0, which
+    shares it and the entry with the other ranks (:func:`ceu.eval_cache.lookup`); rank 0 stores the measurement."""
     from ceu import eval_cache
     from ceu.distributed import is_main_process
     from ceu.eval import evaluate_model
     from ceu.heads import dataset_loss
 
     if cache:
-        key = eval_cache.cache_key(model, job.tokenizer, job.template, eval_sets, retain_samples, job.args.impl)
-        cached = eval_cache.read(key)
+        key, cached = eval_cache.lookup(model, job.tokenizer, job.template, eval_sets, retain_samples, job.args.impl,
+                                        device)
         if cached is not None:
             say(f"  using its cached evaluation {eval_cache.entry_path(key)} (same weights, data and settings; "
                 "--no-eval-cache measures again)")
             return cached
+    if device is not None:
+        model.to(device)
     log = None
     if eval_sets is not None:
         log = evaluate_model(model, job.tokenizer, eval_sets, job.template, impl=job.args.impl)
@@ -639,14 +644,15 @@ def run_unlearn(args, config: UnlearnConfig) -> int:
     logs, retain_losses = {}, {}
     cache = not args.no_eval_cache
     gold = job.model("retain")
-    if gold is not None:
+    if gold is not None:  # moved to the device only when measured, not on a cache hit
         say("measuring the retain-only (gold) model")
-        logs["retain_model"], retain_losses["retain_model"] = measure(job, gold.to(device), eval_sets, retain_samples,
-                                                                      cache, say)
+        logs["retain_model"], retain_losses["retain_model"] = measure(job, gold, eval_sets, retain_samples, cache, say,
+                                                                      device)
         del gold
-    model = job.model("learned").to(device)
+    model = job.model("learned")  # hashed for the cache before it is moved (no copy back to the host)
     say(f"measuring the model before unlearning ({len(forget_samples)} forget, {len(retain_samples)} retain)")
-    logs["learned"], retain_losses["learned"] = measure(job, model, eval_sets, retain_samples, cache, say)
+    logs["learned"], retain_losses["learned"] = measure(job, model, eval_sets, retain_samples, cache, say, device)
+    model = model.to(device)  # a cache hit left it where it was loaded
     if args.lora_rank:  # after measuring: fresh adapters change no output, but their random weights the cache key
         import peft
 

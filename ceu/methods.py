@@ -220,7 +220,7 @@ class Objective:
             targets = forget["labels"][:, 1:]
             return -token_mean(lambda reduction: linear_cross_entropy(hidden[:, :-1], weight, targets, bias,
                                                                       reduction=reduction, impl=config.impl),
-                               (targets != IGNORE_INDEX).sum(), scale)
+                               (targets != IGNORE_INDEX).sum(), scale, config.empty_batch)
         losses, mask = token_losses(hidden, weight, bias, forget["labels"], config.impl)
         nll, lengths = losses.sum(1), mask.sum(1)  # float32 (float64 for float64 inputs)
         beta = self.settings["beta"]

@@ -476,4 +476,8 @@ def test_the_real_demo_fine_tunes_through_ceu_finetune(tmp_path, monkeypatch):
     assert args.system_prompt == "" and (args.epochs, args.lr, args.batch_size) == (4, 3e-4, 8)
     (tmp_path / "learned" / "config.json").write_text("{}")
     real_demo.fine_tune(tmp_path / "learned", "full", tmp_path / "data", threads=1)
-    assert len(seen) == 1  # a saved model is reused
+    assert len(seen) == 2 and seen[1].overwrite  # no finetune.json says how it was made: it is made again
+    argv = real_demo.finetune_argv(tmp_path / "learned", "full", tmp_path / "data", threads=1)
+    (tmp_path / "learned" / "finetune.json").write_text(json.dumps(real_demo.finetune_settings(argv)))
+    real_demo.fine_tune(tmp_path / "learned", "full", tmp_path / "data", threads=1)
+    assert len(seen) == 2  # a model saved with these settings is reused

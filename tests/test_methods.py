@@ -300,3 +300,14 @@ def test_command_line_options_reach_the_config(tmp_path):
     args = build_parser().parse_args(["unlearn", "--model", "m", "--dual-update-per-epoch", "--forget-positions", "all"])
     config = _config(args, tmp_path)
     assert config.dual_update_per_epoch and config.forget_positions == "all" and config.method == "pdu"
+
+
+@pytest.mark.parametrize("method,empty_batch", [("graddiff", "zero"), ("gradascent", "zero"), ("pdu", "zero"),
+                                                ("pdu", "nan")])
+def test_a_batch_without_answer_tokens_gives_zero_or_the_references_nan(method, empty_batch):
+    """Both token means of a micro-batch pair without answer tokens: 0, or PDU's reference 0/0 (``empty_batch``)."""
+    model = float64_model()
+    empty = pad_batch([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [IGNORE_INDEX] * 3}], 0)
+    objective = Objective(model, [], UnlearnConfig(impl="torch", method=method, empty_batch=empty_batch))
+    for loss in objective.losses(model, empty, empty):
+        assert math.isnan(loss) if empty_batch == "nan" else loss.item() == 0.0

@@ -133,8 +133,7 @@ def test_templates_with_its_tokenizer_have_no_chat_marker_as_bos_and_a_settable_
     assert lengths[""] < lengths["You answer briefly."] < lengths[None]
 
 
-def test_one_pdu_step_through_the_cli_on_the_gguf_file_saves_a_reloadable_model(smollm2, tmp_path, monkeypatch):
-    monkeypatch.setenv("CEU_CACHE", str(tmp_path / "cache"))  # its evaluation cache stays out of ~/.cache
+def test_one_pdu_step_through_the_cli_on_the_gguf_file_saves_a_reloadable_model(smollm2, tmp_path, own_cache):
     from ceu.cli import main
     from ceu.models import load_model, load_tokenizer
 
