@@ -353,7 +353,12 @@ def _check_tokenizing(args) -> None:
 
 def _check_finetune(args) -> None:
     """``ceu finetune``'s model, tokenizer and output folder. ``--overwrite`` replaces the whole folder, so it is
-    refused on a folder that holds no saved model: it could be anything."""
+    refused on a folder that holds no saved model: it could be anything. It trains in one process: launched on
+    several, every rank would train its own copy and write the same folder."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ValueError(f"ceu finetune runs in one process, not under a launcher ({world_size} processes here): "
+                         "run it as a plain command")
     if args.split is None:
         args.split = [FINETUNE_SPLIT]
     _check_tokenizing(args)

@@ -457,6 +457,15 @@ def test_export_synthetic_then_finetune_on_it(tmp_path, capsys):
                                                                                         capsys)
 
 
+def test_finetune_refuses_a_launcher(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank would train its own copy and write the same folder: refused before loading."""
+    save_tiny_model(tmp_path / "model", seed=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "ceu finetune runs in one process, not under a launcher (2 processes here)" in refused(
+        ["finetune", "--model", str(tmp_path / "model"), "--output-dir", str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_real_demo_fine_tunes_through_ceu_finetune(tmp_path, monkeypatch):
     """tools/real_demo.py's fine-tuning is `ceu finetune` (one loop, one way of saving): its options reach the
     command (the training itself stubbed, a tiny saved model standing in for SmolLM2's GGUF file)."""
