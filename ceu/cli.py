@@ -441,12 +441,18 @@ def main_process_first():
         dist.barrier()
 
 
+def prompt_template(args):
+    """The QA prompt template a Hugging Face model's run uses: its chat template with ``--chat-template`` or
+    ``--system-prompt``, else plain text."""
+    from ceu.data import QATemplate
+
+    return QATemplate(chat=args.chat_template or args.system_prompt is not None, system_prompt=args.system_prompt)
+
+
 class Job:
     """The models, samples and eval sets of one run: the embedded default's or a Hugging Face model's."""
 
     def __init__(self, args):
-        from ceu.data import QATemplate
-
         self.args = args
         if args.model is None:
             from ceu.synthetic import TEMPLATE, stage_one
@@ -460,8 +466,7 @@ class Job:
 
             self.stage = None
             self.tokenizer = load_tokenizer(args.tokenizer or args.model)
-            self.template = QATemplate(chat=args.chat_template or args.system_prompt is not None,
-                                       system_prompt=args.system_prompt)
+            self.template = prompt_template(args)
             self.forget_split, self.retain_split = args.forget_split, args.retain_split
 
     def model(self, which: str):
@@ -749,6 +754,16 @@ def run_eval(args) -> int:
     return 0
 
 
+def finetune_settings(args) -> dict:
+    """How ``ceu finetune`` with ``args`` trains, as its ``finetune.json`` records it (beside the outcome): what tells
+    whether a saved model was made this way (``tools/real_demo.py`` reuses one only then)."""
+    template = prompt_template(args)
+    return {"model": args.model, "data": args.data, "splits": args.split,
+            "template": {"chat": template.chat, "system_prompt": template.system_prompt},
+            "max_length": args.max_length, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+            "seed": args.seed}
+
+
 def run_finetune(args) -> int:
     """``ceu finetune``: the splits' answers taught to the model (:func:`ceu.finetune.fit`), the model and tokenizer
     saved as one folder, swapped in whole (:func:`ceu.files.replacing`), with ``finetune.json`` recording how. The
@@ -759,17 +774,15 @@ def run_finetune(args) -> int:
 
     start = time.perf_counter()
     job = Job(args)
-    tokenizer, template = job.tokenizer, job.template
+    tokenizer = job.tokenizer
     samples = [sample for split in args.split for sample in job.samples(split)]
     model = job.model("learned").to(local_device())
     print(f"fine-tuning {args.model} on {' + '.join(args.split)} of {args.data} ({len(samples)} QA): {args.epochs} "
           f"epochs, LR {args.lr:g}, batch {args.batch_size}")
     loss = fit(model, samples, tokenizer.pad_token_id, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                seed=args.seed, desc="fine-tune")
-    record = {"model": args.model, "data": args.data, "splits": args.split, "samples": len(samples),
-              "template": {"chat": template.chat, "system_prompt": template.system_prompt},
-              "max_length": args.max_length, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-              "seed": args.seed, "final_loss": loss, "wall_time_s": time.perf_counter() - start}
+    record = {**finetune_settings(args), "samples": len(samples), "final_loss": loss,
+              "wall_time_s": time.perf_counter() - start}
     with replacing(args.output_dir.resolve()) as folder:  # resolved: `--output-dir .` has a name to swap
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -1,6 +1,5 @@
 """ceu.files and ceu.runlog: a write that fails (an error, a full disk) leaves the previous file whole and no temporary
-file; a resumed run's log rewrite is atomic and survives a last line cut short by a crash; where ceu caches. And
-tools/real_demo.py's reuse of a saved fine-tuned model folder (only with the settings and data it was made with)."""
+file; a resumed run's log rewrite is atomic and survives a last line cut short by a crash; where ceu caches."""
 import json
 import os
 import subprocess
@@ -141,72 +140,3 @@ def test_the_cache_root_is_ceu_cache_else_the_xdg_cache_home_else_home(tmp_path,
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_root() == tmp_path / "home" / ".cache" / "ceu"
-
-
-def test_the_real_demo_reuses_a_fine_tuned_folder_only_with_its_settings_and_data(tmp_path, monkeypatch, capsys):
-    """A folder holding a model is reused when its finetune.json records the settings the demo would fine-tune with
-    and no split file it trains on changed since; otherwise it is fine-tuned again (--overwrite), the reason on
-    stderr: no or an unreadable finetune.json, another setting (named, with both values), changed data. The data is
-    rewritten only when its content changes, so its time says when. `ceu finetune` itself is stubbed."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    from tools import real_demo
-
-    from ceu import cli
-    from ceu.synthetic import make_world
-
-    monkeypatch.setattr("ceu.models.smollm2_gguf", lambda: tmp_path / "smollm2.gguf")
-    runs = []
-    monkeypatch.setattr(cli, "main", lambda argv: runs.append(argv) or 0)
-    data, folder = tmp_path / "data", tmp_path / "learned"
-    def demo_world(seed: int) -> dict:
-        world = make_world(real_demo.N_AUTHORS, seed)
-        return {**world, **{split: world[split][:count] for split, count in real_demo.HELD.items()}}
-
-    world = demo_world(real_demo.SEED)
-    real_demo.export_data(data, world)
-    written = {path.name: path.stat().st_mtime_ns for path in data.iterdir()}
-    real_demo.export_data(data, world)
-    assert {path.name: path.stat().st_mtime_ns for path in data.iterdir()} == written  # unchanged: not rewritten
-
-    def fine_tune() -> tuple[int, str]:
-        """Fine-tunes run (0 or 1) and what went to stderr."""
-        runs.clear()
-        real_demo.fine_tune(folder, "full", data, threads=1, say=print)
-        return len(runs), capsys.readouterr().err
-
-    assert fine_tune() == (1, "") and "--overwrite" not in runs[0]  # nothing saved yet
-    argv = real_demo.finetune_argv(folder, "full", data, threads=1)
-    assert runs[0] == argv
-    settings = real_demo.finetune_settings(argv)
-    assert settings == {"model": str(tmp_path / "smollm2.gguf"), "data": str(data),
-                        "splits": ["full", *real_demo.HELD], "template": {"chat": True, "system_prompt": ""},
-                        "max_length": 512, "epochs": 4, "lr": 3e-4, "batch_size": 8, "seed": 0,
-                        "samples": len(world["full"]) + sum(real_demo.HELD.values())}
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    runs_again, why = fine_tune()
-    assert runs_again == 1 and runs[0] == [*argv, "--overwrite"] and "holds no finetune.json" in why
-    record = folder / "finetune.json"
-    record.write_text(json.dumps({**settings, "final_loss": 0.1, "wall_time_s": 60.0}))  # as ceu finetune saves it
-    assert fine_tune() == (0, "")
-    with monkeypatch.context() as patch:
-        patch.setattr(real_demo, "FIT", ["--epochs", "5", "--lr", "3e-4", "--batch-size", "8"])
-        runs_again, why = fine_tune()
-    assert runs_again == 1 and "records other settings: epochs 4 (this run: 5)" in why
-    record.write_text(json.dumps({**settings, "data": "elsewhere", "max_length": None}))
-    runs_again, why = fine_tune()
-    assert runs_again == 1 and "data 'elsewhere' (this run: " in why and "max_length None (this run: 512)" in why
-    record.write_text(json.dumps({key: value for key, value in settings.items() if key != "seed"}))
-    assert "seed not recorded (this run: 0)" in fine_tune()[1]
-    record.write_text("{cut sh")
-    assert "its finetune.json is unreadable" in fine_tune()[1]
-    record.write_text(json.dumps(settings))
-    os.utime(record, ns=(written["full.json"] - 10**9,) * 2)  # saved a second before the data was exported
-    runs_again, why = fine_tune()
-    assert runs_again == 1 and f"its data changed after it was fine-tuned: {data / 'full.json'}" in why
-    os.utime(record, ns=(max(written.values()) + 10**9,) * 2)
-    assert fine_tune() == (0, "")
-    real_demo.export_data(data, demo_world(real_demo.SEED + 1))  # other facts, as many
-    os.utime(data / "full.json", ns=(max(written.values()) + 2 * 10**9,) * 2)  # however coarse the clock
-    runs_again, why = fine_tune()
-    assert runs_again == 1 and "its data changed after it was fine-tuned" in why and "full.json" in why

@@ -38,23 +38,6 @@ def finetune_argv(folder: Path, split: str, data: Path, threads: int) -> list[st
             "--threads", str(threads), "--output-dir", str(folder), *FIT]
 
 
-def finetune_settings(argv: list[str]) -> dict:
-    """What ``finetune.json`` records of how ``ceu finetune`` with ``argv`` trains (as :func:`ceu.cli.run_finetune`
-    writes it; the outcome, final loss and time, left out), and the number of QA when the split files are there."""
-    from ceu import cli
-
-    args = cli.build_parser().parse_args(argv)
-    settings = {"model": args.model, "data": args.data, "splits": args.split,
-                "template": {"chat": args.chat_template or args.system_prompt is not None,
-                             "system_prompt": args.system_prompt},
-                "max_length": args.max_length, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                "seed": args.seed}
-    files = [Path(args.data) / f"{name}.json" for name in args.split]
-    if all(path.is_file() for path in files):  # JSON Lines as export_world writes them: one QA a line
-        settings["samples"] = sum(len(path.read_text().splitlines()) for path in files)
-    return settings
-
-
 def refit_reason(folder: Path, settings: dict, data_files=()) -> str | None:
     """Why the model saved in ``folder`` is not one ``ceu finetune`` made with ``settings`` on the current
     ``data_files`` (None when it is, to reuse it): no ``finetune.json``, an unreadable one, settings that differ from
@@ -88,7 +71,7 @@ def fine_tune(folder: Path, split: str, data: Path, threads: int, say=print) -> 
 
     argv = finetune_argv(folder, split, data, threads)
     if (folder / "config.json").is_file():
-        settings = finetune_settings(argv)
+        settings = cli.finetune_settings(cli.build_parser().parse_args(argv))
         reason = refit_reason(folder, settings, [Path(data) / f"{name}.json" for name in settings["splits"]])
         if reason is None:
             say(f"reusing {folder}")
