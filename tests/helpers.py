@@ -429,3 +429,14 @@ def launch(arguments: list[str], folder: Path, timeout: float = 300) -> str:
                           timeout=timeout, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done.stdout
+
+
+class FakeTokenizer:
+    """What the evaluation cache's key reads of a tokenizer, without loading one."""
+    backend_tokenizer = None
+    special_tokens_map = {"eos_token": "</s>"}
+    bos_token_id = eos_token_id = pad_token_id = 0
+    chat_template = None
+
+    def get_vocab(self):
+        return {"a": 0, "b": 1}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import accelerate_launch, launch, torchrun
+from helpers import FakeTokenizer, accelerate_launch, launch, torchrun
 
 from ceu.cli import build_parser, main
 
@@ -375,22 +375,11 @@ def test_the_cache_key_reads_a_tied_weight_once_and_still_sees_it_change():
     tensor_cpu = torch.Tensor.cpu
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: reads.append(self.data_ptr()) or tensor_cpu(self))
-        key = cache_key(model, _FakeTokenizer(), QATemplate(), None, [], "torch")
+        key = cache_key(model, FakeTokenizer(), QATemplate(), None, [], "torch")
     assert len(reads) == len(set(reads)) == len({t.data_ptr() for t in model.state_dict().values()})
     with torch.no_grad():
         model.lm_head.weight[0, 0] += 1
-    assert cache_key(model, _FakeTokenizer(), QATemplate(), None, [], "torch") != key
-
-
-class _FakeTokenizer:
-    """What the cache key reads of a tokenizer, without loading one."""
-    backend_tokenizer = None
-    special_tokens_map = {"eos_token": "</s>"}
-    bos_token_id = eos_token_id = pad_token_id = 0
-    chat_template = None
-
-    def get_vocab(self):
-        return {"a": 0, "b": 1}
+    assert cache_key(model, FakeTokenizer(), QATemplate(), None, [], "torch") != key
 
 
 def test_the_plan_warns_when_lambda_barely_moves():

@@ -396,34 +396,24 @@ def test_any_log_is_scored_finite_or_refused_with_a_value_error(log, other):
 
 
 # ceu.eval_cache.lookup: the evaluation cache's key, hashed once per run, where the model was loaded.
-class _Tokenizer:
-    """What the cache key reads of a tokenizer, without loading one."""
-    backend_tokenizer = None
-    special_tokens_map = {"eos_token": "</s>"}
-    bos_token_id = eos_token_id = pad_token_id = 0
-    chat_template = None
-
-    def get_vocab(self):
-        return {"a": 0, "b": 1}
-
-
 def _lookup(model, device=None):
+    from helpers import FakeTokenizer
+
     from ceu.data import QATemplate
     from ceu.eval_cache import lookup
 
-    return lookup(model, _Tokenizer(), QATemplate(), None, [{"input_ids": [1, 2]}], "torch", device)
+    return lookup(model, FakeTokenizer(), QATemplate(), None, [{"input_ids": [1, 2]}], "torch", device)
 
 
-def test_lookup_hashes_the_model_where_it_is_for_the_device_it_will_run_on(tmp_path, monkeypatch):
+def test_lookup_hashes_the_model_where_it_is_for_the_device_it_will_run_on(own_cache, monkeypatch):
     """The key names the device the model will be measured on, yet the model is hashed where it was loaded: not
     moved, and no weight copied (a CPU tensor's ``.cpu()`` is itself); a miss, then the entry written under the key."""
     import torch
 
     from ceu import eval_cache
     from ceu.data import QATemplate
-    from helpers import tiny_model
+    from helpers import FakeTokenizer, tiny_model
 
-    monkeypatch.setenv("CEU_CACHE", str(tmp_path))
     model = tiny_model("gpt2")
     where = {name: (tensor.device, tensor.data_ptr()) for name, tensor in model.state_dict().items()}
     copies = []
@@ -434,8 +424,8 @@ def test_lookup_hashes_the_model_where_it_is_for_the_device_it_will_run_on(tmp_p
         key, entry = _lookup(model, device="cuda")
     assert copies and not any(copies)
     assert {name: (tensor.device, tensor.data_ptr()) for name, tensor in model.state_dict().items()} == where
-    assert entry is None and eval_cache.entry_path(key) == tmp_path / "evals" / f"{key}.json"
-    arguments = (model, _Tokenizer(), QATemplate(), None, [{"input_ids": [1, 2]}], "torch")
+    assert entry is None and eval_cache.entry_path(key) == own_cache / "evals" / f"{key}.json"
+    arguments = (model, FakeTokenizer(), QATemplate(), None, [{"input_ids": [1, 2]}], "torch")
     assert key == eval_cache.cache_key(*arguments, device=torch.device("cuda"))
     assert key != eval_cache.cache_key(*arguments) == _lookup(model)[0]  # where the model is: the CPU
     eval_cache.write(key, {"forget10": {}}, 1.5)
@@ -470,15 +460,14 @@ def _lookup_on_rank(rank, init_file, results):
         dist.destroy_process_group()
 
 
-def test_under_torch_distributed_rank_0_alone_hashes_and_reads_and_every_rank_gets_its_answer(tmp_path, monkeypatch):
+def test_under_torch_distributed_rank_0_alone_hashes_and_reads_and_every_rank_gets_its_answer(tmp_path, own_cache):
     """Two gloo ranks: rank 0 hashes the model (once per lookup) and reads the cache, rank 1 hashes nothing and
     receives the same key and entry, so both take the same branch: measure on a miss, the entry on a hit."""
     import uuid
 
     import torch.multiprocessing as mp
 
-    pytest.importorskip("transformers")
-    monkeypatch.setenv("CEU_CACHE", str(tmp_path / "cache"))  # the spawned ranks inherit it
+    pytest.importorskip("transformers")  # own_cache: the spawned ranks inherit $CEU_CACHE
     results = mp.Manager().dict()
     mp.spawn(_lookup_on_rank, args=(str(tmp_path / f"init-{uuid.uuid4().hex}"), results), nprocs=2)
     (first, second, hashed), (first_1, second_1, hashed_1) = results[0], results[1]
