@@ -3,7 +3,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -355,7 +354,9 @@ def _check_finetune(args) -> None:
     """``ceu finetune``'s model, tokenizer and output folder. ``--overwrite`` replaces the whole folder, so it is
     refused on a folder that holds no saved model: it could be anything. It trains in one process: launched on
     several, every rank would train its own copy and write the same folder."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    from ceu.distributed import launched_world_size
+
+    world_size = launched_world_size()
     if world_size > 1:
         raise ValueError(f"ceu finetune runs in one process, not under a launcher ({world_size} processes here): "
                          "run it as a plain command")
@@ -584,10 +585,10 @@ def start_distributed():
     import torch
     import torch.distributed as dist
 
-    from ceu.distributed import local_device
+    from ceu.distributed import launched_world_size, local_device
 
     device = local_device()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world_size() <= 1:
         return device
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -69,8 +69,10 @@ class LinearCrossEntropyGradsInForwardFunction(torch.autograd.Function):
                          or torch._C._autograd._get_current_graph_task_keep_graph())
         with torch.no_grad():
             factor = grad_loss * scale
-            grads = [None if not need else grad.mul_(factor) if hand_over and grad.dtype == dtype
-                     else (grad * factor).to(dtype)
+            # handed over: scaled in place (a weight of another dtype then gets one cast); kept: one scaled copy,
+            # written straight in the input's dtype (never a float32 [V, H] on the way to a bfloat16 one)
+            grads = [None if not need else grad.mul_(factor).to(dtype) if hand_over
+                     else torch.mul(grad, factor, out=grad.new_empty(grad.shape, dtype=dtype))
                      for grad, dtype, need in zip(saved, ctx.dtypes, ctx.needs_input_grad)]
         del saved
         if create_graph:  # the saved gradients are constants: differentiating them again must raise, not give 0

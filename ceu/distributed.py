@@ -36,6 +36,11 @@ def accelerate_fsdp_dropped(state=None) -> bool:
     return local_device().type == "cpu"
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 without a launcher), known before any group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def local_device() -> torch.device:
     """This process's device: its local rank's GPU (``LOCAL_RANK``, 0 without a launcher) where there are GPUs, else
     the CPU."""

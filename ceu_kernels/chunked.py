@@ -208,12 +208,9 @@ def _ce_buffers(hidden, weight, vocab_size, chunk_size, upcast=True):
     half = upcast and hidden.dtype in (torch.float16, torch.bfloat16)
     bytes_per_logit = hidden.element_size() + (4 if half else 0)
     rows = min(chunk_rows(chunk_size, vocab_size, bytes_per_logit, weight, CE_CHUNK_WEIGHTS), max(hidden.shape[0], 1))
-    if not half:
-        (buffer,) = chunk_buffers(hidden, ((rows, vocab_size), hidden.dtype))
-        return rows, buffer, buffer
     shape = (rows, vocab_size)
-    buffer, buffer_acc = chunk_buffers(hidden, (shape, hidden.dtype), (shape, torch.float32))
-    return rows, buffer, buffer_acc
+    buffers = chunk_buffers(hidden, (shape, hidden.dtype), *([(shape, torch.float32)] if half else []))
+    return rows, buffers[0], buffers[-1]
 
 
 def _chunk_logits_acc(buffer, buffer_acc, hidden_chunk, weight_t, bias):
@@ -334,10 +331,8 @@ def _ce_gradient_outputs(hidden, weight, acc, needs_hidden, needs_weight, needs_
     (dW written by its first chunk's GEMM instead when there is at least one token, the padded rows zeroed)."""
     grad_weight = None
     if needs_weight:
-        if hidden.shape[0] == 0:
-            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        else:
-            grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device)
+        allocate = torch.zeros if hidden.shape[0] == 0 else torch.empty
+        grad_weight = allocate(weight.shape, dtype=acc, device=weight.device)
     return (torch.empty_like(hidden) if needs_hidden else None, grad_weight,
             torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs_bias else None)
 
