@@ -51,9 +51,22 @@ def interleave(ops: dict, repeats: int, log) -> dict[str, list[float]]:
     return times
 
 
+def ratios(times: dict[str, list[float]], baseline: str, name: str) -> list[float]:
+    """The baseline's time over ``name``'s, one per repeat (both timed in that repeat)."""
+    return [b / t for b, t in zip(times[baseline], times[name])]
+
+
 def speedups(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
     """Median over repeats of the baseline's time over each op's, in the same repeat."""
-    return {name: statistics.median(b / t for b, t in zip(times[baseline], own)) for name, own in times.items()}
+    return {name: statistics.median(ratios(times, baseline, name)) for name in times}
+
+
+def spread(times: dict[str, list[float]], baseline: str, name: str) -> str:
+    """How far the per-repeat ratios scatter around their median, and how many repeats ``name`` won: where the
+    median sits near a bound, whether it is a tie or a lead."""
+    per_repeat = ratios(times, baseline, name)
+    wins = sum(ratio > 1 for ratio in per_repeat)
+    return f"per repeat {min(per_repeat):.2f}–{max(per_repeat):.2f}, faster in {wins} of {len(per_repeat)}"
 
 
 def micro_case(loss: str, tokens: int, repeats: int, dry_run: bool, log) -> dict:
@@ -109,19 +122,21 @@ def section(meta: dict, micro: list[dict], steps: list[dict], wall_s: float, dry
         if ours is None:
             continue
         target = SPEED_TARGETS[result["loss"]]
-        line = (f"- {result['title']}: ceu-torch {ours:.2f}× eager-fp32 (target {TARGETS[target]}×: "
-                f"{verdict(target, ours)})")
+        scatter = spread(result["times"], BASELINE, "ceu-torch")
+        line = (f"- {result['title']}: ceu-torch {ours:.2f}× eager-fp32 "
+                f"({scatter}; target {TARGETS[target]}×: {verdict(target, ours)})")
         if "compile" in result["speedups"] and result["loss"] == "ce":
             versus = speedups(result["times"], "compile")["ceu-torch"]
-            line += (f", {versus:.2f}× torch.compile's speed (target {TARGETS['cpu_ce_vs_compile']}×: "
-                     f"{verdict('cpu_ce_vs_compile', versus)})")
+            line += (f", {versus:.2f}× torch.compile's speed ({spread(result['times'], 'compile', 'ceu-torch')}; "
+                     f"target {TARGETS['cpu_ce_vs_compile']}×: {verdict('cpu_ce_vs_compile', versus)})")
         out.append(line)
     for result in steps:
         baseline, fused = result["times"]
         speed = result["speedups"][fused]
-        out.append(f"- {result['title']}: {fused} {speed:.2f}× {baseline}"
-                   + (f" (target {TARGETS['cpu_e2e_speed']}×: {verdict('cpu_e2e_speed', speed)})"
-                      if baseline == "eager" else ""))
+        target = (f"; target {TARGETS['cpu_e2e_speed']}×: {verdict('cpu_e2e_speed', speed)}"
+                  if baseline == "eager" else "")
+        out.append(f"- {result['title']}: {fused} {speed:.2f}× {baseline} "
+                   f"({spread(result['times'], baseline, fused)}{target})")
     for result in micro + steps:
         out += ["", f"**{result['title']}**, {len(next(iter(result['times'].values())))} repeats", "",
                 "| implementation | ms, median [min–max] | speed-up |", "|---|---:|---:|"]
@@ -133,7 +148,7 @@ def section(meta: dict, micro: list[dict], steps: list[dict], wall_s: float, dry
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks interleaved", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 repeats; writes only under --out")
-    parser.add_argument("--repeats", type=int, default=7, help="repeats of each micro case (default 7)")
+    parser.add_argument("--repeats", type=int, default=9, help="repeats of each micro case (default 9)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the PDU step on SmolLM2-135M (~10 min)")
     parser.add_argument("--out", type=Path, default=report.BENCH_DIR / "out")
     args = parser.parse_args(argv)

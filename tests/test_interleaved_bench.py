@@ -6,7 +6,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.interleaved import interleave, speedups  # noqa: E402
+from benchmarks.interleaved import interleave, speedups, spread  # noqa: E402
 
 
 def test_every_repeat_runs_each_op_once_in_a_rotating_order():
@@ -24,6 +24,11 @@ def test_speedups_are_medians_of_per_repeat_ratios():
     got = speedups(times, "eager")
     assert got["eager"] == 1.0 and got["ours"] == 2.0
     assert abs(got["late"] - 100 / 60) < 1e-12
+
+
+def test_the_spread_gives_the_range_of_per_repeat_ratios_and_the_repeats_won():
+    times = {"compile": [100.0, 300.0, 100.0, 90.0], "ours": [80.0, 200.0, 125.0, 90.0]}
+    assert spread(times, "compile", "ours") == "per repeat 0.80–1.50, faster in 2 of 4"  # a tie is no win
 
 
 # The verdicts of every report (report.key_ratios for the suites, interleaved.section, e2e's table) read one table,
