@@ -1,6 +1,7 @@
 """``ceu``: command-line entry point. ``ceu unlearn`` with no argument runs the embedded default end to end."""
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import shutil
@@ -760,9 +761,17 @@ def run_eval(args) -> int:
 
 def finetune_settings(args) -> dict:
     """How ``ceu finetune`` with ``args`` trains, as its ``finetune.json`` records it (beside the outcome): what tells
-    whether a saved model was made this way (``tools/real_demo.py`` reuses one only then)."""
+    whether a saved model was made this way (``tools/real_demo.py`` reuses one only then). ``data_sha256`` digests
+    the records of the splits it trains on, so edited data tells whatever the files' times say."""
+    from ceu.data import load_records
+
     template = prompt_template(args)
-    return {"model": args.model, "data": args.data, "splits": args.split,
+    digest = hashlib.sha256()
+    for split in args.split:
+        for record in load_records(args.data, split):
+            digest.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
+        digest.update(b"\0")  # where one split ends and the next begins
+    return {"model": args.model, "data": args.data, "splits": args.split, "data_sha256": digest.hexdigest(),
             "template": {"chat": template.chat, "system_prompt": template.system_prompt},
             "max_length": args.max_length, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
             "seed": args.seed}
@@ -777,6 +786,7 @@ def run_finetune(args) -> int:
     from ceu.finetune import fit
 
     start = time.perf_counter()
+    settings = finetune_settings(args)  # before training: the data as it is trained on
     job = Job(args)
     tokenizer = job.tokenizer
     samples = [sample for split in args.split for sample in job.samples(split)]
@@ -785,7 +795,7 @@ def run_finetune(args) -> int:
           f"epochs, LR {args.lr:g}, batch {args.batch_size}")
     loss = fit(model, samples, tokenizer.pad_token_id, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                seed=args.seed, desc="fine-tune")
-    record = {**finetune_settings(args), "samples": len(samples), "final_loss": loss,
+    record = {**settings, "samples": len(samples), "final_loss": loss,
               "wall_time_s": time.perf_counter() - start}
     with replacing(args.output_dir.resolve()) as folder:  # resolved: `--output-dir .` has a name to swap
         model.save_pretrained(folder)

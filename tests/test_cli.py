@@ -476,15 +476,15 @@ def test_the_real_demo_fine_tunes_through_ceu_finetune(tmp_path, monkeypatch):
 
 
 def test_the_real_demo_reuses_a_fine_tuned_folder_only_with_its_settings_and_data(tmp_path, monkeypatch, capsys):
-    """A folder holding a model is reused when its finetune.json records the settings the demo would fine-tune with
-    and no split file it trains on changed since; otherwise it is fine-tuned again (--overwrite), the reason on
-    stderr: no or an unreadable finetune.json, another setting (named, with both values), changed data. The data is
-    rewritten only when its content changes, so its time says when. `ceu finetune` itself is stubbed."""
+    """A folder holding a model is reused when its finetune.json records the settings the demo would fine-tune with,
+    the digest of the records it trains on among them; otherwise it is fine-tuned again (--overwrite), the reason on
+    stderr: no or an unreadable finetune.json, another setting (named, with both values), other data (whatever the
+    files' times). `ceu finetune` itself is stubbed."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     from tools import real_demo
 
     from ceu import cli
-    from ceu.synthetic import make_world
+    from ceu.synthetic import export_world, make_world
 
     monkeypatch.setattr("ceu.models.smollm2_gguf", lambda: tmp_path / "smollm2.gguf")
     runs = []
@@ -494,25 +494,25 @@ def test_the_real_demo_reuses_a_fine_tuned_folder_only_with_its_settings_and_dat
         world = make_world(real_demo.N_AUTHORS, seed)
         return {**world, **{split: world[split][:count] for split, count in real_demo.HELD.items()}}
 
-    world = demo_world(real_demo.SEED)
-    real_demo.export_data(data, world)
-    written = {path.name: path.stat().st_mtime_ns for path in data.iterdir()}
-    real_demo.export_data(data, world)
-    assert {path.name: path.stat().st_mtime_ns for path in data.iterdir()} == written  # unchanged: not rewritten
+    export_world(data, demo_world(real_demo.SEED))
 
     def fine_tune() -> tuple[int, str]:
-        """Fine-tunes run (0 or 1) and what went to stderr."""
+        """Fine-tunes run (0 or 1) and the reason given on stderr (datasets' progress bars left out)."""
         runs.clear()
         real_demo.fine_tune(folder, "full", data, threads=1, say=print)
-        return len(runs), capsys.readouterr().err
+        return len(runs), "".join(line for line in capsys.readouterr().err.splitlines(keepends=True)
+                                  if line.startswith("fine-tuning"))
 
     assert fine_tune() == (1, "") and "--overwrite" not in runs[0]  # nothing saved yet
     argv = real_demo.finetune_argv(folder, "full", data, threads=1)
     assert runs[0] == argv
     settings = cli.finetune_settings(build_parser().parse_args(argv))  # what ceu finetune records of them
+    digest = settings.pop("data_sha256")
+    assert len(digest) == 64 and int(digest, 16) >= 0
     assert settings == {"model": str(tmp_path / "smollm2.gguf"), "data": str(data),
                         "splits": ["full", *real_demo.HELD], "template": {"chat": True, "system_prompt": ""},
                         "max_length": 512, "epochs": 4, "lr": 3e-4, "batch_size": 8, "seed": 0}
+    settings["data_sha256"] = digest
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     runs_again, why = fine_tune()
@@ -532,12 +532,10 @@ def test_the_real_demo_reuses_a_fine_tuned_folder_only_with_its_settings_and_dat
     record.write_text("{cut sh")
     assert "its finetune.json is unreadable" in fine_tune()[1]
     record.write_text(json.dumps(settings))
-    os.utime(record, ns=(written["full.json"] - 10**9,) * 2)  # saved a second before the data was exported
-    runs_again, why = fine_tune()
-    assert runs_again == 1 and f"its data changed after it was fine-tuned: {data / 'full.json'}" in why
-    os.utime(record, ns=(max(written.values()) + 10**9,) * 2)
+    export_world(data, demo_world(real_demo.SEED))  # the same records written again: still reused
     assert fine_tune() == (0, "")
-    real_demo.export_data(data, demo_world(real_demo.SEED + 1))  # other facts, as many
-    os.utime(data / "full.json", ns=(max(written.values()) + 2 * 10**9,) * 2)  # however coarse the clock
+    saved = record.stat().st_mtime_ns
+    for path in export_world(data, demo_world(real_demo.SEED + 1)):  # other facts, as many, from an older copy
+        os.utime(path, ns=(saved - 3600 * 10**9,) * 2)
     runs_again, why = fine_tune()
-    assert runs_again == 1 and "its data changed after it was fine-tuned" in why and "full.json" in why
+    assert runs_again == 1 and f"data_sha256 {digest!r} (this run: " in why

@@ -7,15 +7,14 @@ system prompt: once on everything ("learned") and once without the forget split 
 quality). Then ``ceu unlearn`` runs on the learned
 model with that folder, exactly as a user would, and prints the before/after table. The fine-tuned models are cached
 in the output folder, so a second run only unlearns and evaluates: a model is reused only when the ``finetune.json``
-saved with it records the settings this run would fine-tune with (:func:`refit_reason`) and its data has not changed
-since (a split file is rewritten only when its content changes, so its time says when); else it is fine-tuned again.
+saved with it records the settings this run would fine-tune with, the digest of its training records among them
+(:func:`refit_reason`); else it is fine-tuned again.
 
     python -m tools.real_demo [--output-dir runs/real-demo] [--threads 2]
 """
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,10 +37,10 @@ def finetune_argv(folder: Path, split: str, data: Path, threads: int) -> list[st
             "--threads", str(threads), "--output-dir", str(folder), *FIT]
 
 
-def refit_reason(folder: Path, settings: dict, data_files=()) -> str | None:
-    """Why the model saved in ``folder`` is not one ``ceu finetune`` made with ``settings`` on the current
-    ``data_files`` (None when it is, to reuse it): no ``finetune.json``, an unreadable one, settings that differ from
-    ``settings`` (each named with both values), or a data file modified after it was written."""
+def refit_reason(folder: Path, settings: dict) -> str | None:
+    """Why the model saved in ``folder`` is not one ``ceu finetune`` made with ``settings`` (None when it is, to reuse
+    it): no ``finetune.json``, an unreadable one, or settings that differ from ``settings``, each named with both
+    values (changed data shows as another ``data_sha256``)."""
     record_path = folder / "finetune.json"
     try:
         record = json.loads(record_path.read_text())
@@ -56,10 +55,6 @@ def refit_reason(folder: Path, settings: dict, data_files=()) -> str | None:
                    if record.get(name, KeyError) != value]
     if differences:
         return f"its {record_path.name} records other settings: {', '.join(differences)}"
-    written = record_path.stat().st_mtime
-    changed = [str(path) for path in data_files if Path(path).is_file() and Path(path).stat().st_mtime > written]
-    if changed:
-        return f"its data changed after it was fine-tuned: {', '.join(changed)}"
     return None
 
 
@@ -72,7 +67,7 @@ def fine_tune(folder: Path, split: str, data: Path, threads: int, say=print) -> 
     argv = finetune_argv(folder, split, data, threads)
     if (folder / "config.json").is_file():
         settings = cli.finetune_settings(cli.build_parser().parse_args(argv))
-        reason = refit_reason(folder, settings, [Path(data) / f"{name}.json" for name in settings["splits"]])
+        reason = refit_reason(folder, settings)
         if reason is None:
             say(f"reusing {folder}")
             return folder
@@ -83,19 +78,6 @@ def fine_tune(folder: Path, split: str, data: Path, threads: int, say=print) -> 
     return folder
 
 
-def export_data(folder: Path, world: dict) -> None:
-    """:func:`ceu.synthetic.export_world` into ``folder``, rewriting only the split files whose content changes, so
-    that a file's modification time says when its data last changed (:func:`refit_reason` compares it)."""
-    from ceu.files import write_text
-    from ceu.synthetic import export_world
-
-    with tempfile.TemporaryDirectory() as fresh:
-        for path in export_world(fresh, world):
-            target, text = folder / path.name, path.read_text()
-            if not target.is_file() or target.read_text() != text:
-                write_text(target, text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs") / "real-demo")
@@ -104,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ceu import cli
-    from ceu.synthetic import make_world
+    from ceu.synthetic import export_world, make_world
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out = args.output_dir
     world = make_world(N_AUTHORS, SEED)
     world.update({split: world[split][:count] for split, count in HELD.items()})
-    export_data(out / "data", world)
+    export_world(out / "data", world)
     learned = fine_tune(out / "learned", "full", out / "data", args.threads)
     retain = fine_tune(out / "retain", RETAIN_SPLIT, out / "data", args.threads)
     print(f"fine-tuned in {time.perf_counter() - start:.0f} s; unlearning {FORGET_SPLIT} with ceu unlearn")
