@@ -33,7 +33,7 @@ MICRO_PROVIDERS = {"lmf": ("eager-fp32", "compile", "ceu-torch"),
                    "ce": ("eager-fp32", "compile", "cce-compile", "ceu-torch")}
 SPEED_TARGETS = {"lmf": "cpu_lmf_speed", "ce": "cpu_ce_speed"}  # each loss's target over eager in shapes.TARGETS
 E2E_PAIRS = (("eager", "fused"), ("eager+checkpointing", "fused+checkpointing"))
-E2E_REPEATS = 3  # timed steps of each variant after its warm-up: ~30 s each on the 2-core CPU
+E2E_REPEATS = 3  # timed steps of each variant after e2e.WARMUP_STEPS: ~30 s each on the 2-core CPU
 
 
 def interleave(ops: dict, repeats: int, log) -> dict[str, list[float]]:
@@ -89,12 +89,13 @@ def micro_case(loss: str, tokens: int, repeats: int, dry_run: bool, log) -> dict
 
 
 def e2e_pair(shape: e2e.ModelShape, pair: tuple[str, str], log) -> dict:
-    """Two variants' PDU steps from the same weights and batches, alternated after a warm-up step each (their
+    """Two variants' PDU steps from the same weights and batches, alternated after the warm-up steps of each (their
     first-step losses must agree)."""
     steps = {}
     for variant in pair:
         step = e2e.make_step(shape, variant, torch.device("cpu"))
-        step()  # warm-up: the first step of a process allocates what later steps reuse
+        for _ in range(e2e.WARMUP_STEPS):
+            step()
         steps[variant] = step
     log(f"{pair}: warmed up")
     times = interleave(steps, shape.steps, log)
