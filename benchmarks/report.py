@@ -58,11 +58,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+BENCH_OUTPUTS = ("benchmarks/RESULTS.md", "benchmarks/plots")
+"""What the benchmarks write themselves: an edit there leaves the measured code as committed (a second benchmark run
+before the first one's results are committed)."""
+
+
 def _git_sha() -> str:
+    """The commit measured, ``+dirty`` when a tracked file outside :data:`BENCH_OUTPUTS` differs from it."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True).stdout.strip()
     sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                  *(f":(top,exclude){path}" for path in BENCH_OUTPUTS))
+    return sha + ("+dirty" if changed else "")
 
 
 def add_ratios(rows: list[dict]) -> None:
