@@ -489,13 +489,15 @@ class Job:
 
         return load_records(self.args.data, split)
 
-    def samples(self, split: str) -> list[dict]:
+    def samples(self, split: str, records=None) -> list[dict]:
+        """The split tokenized: its ``records`` when the caller has read them already, else :meth:`records`."""
         from ceu.data import records_name, tokenize_qa, tokenize_text
 
+        records = self.records(split) if records is None else records
         where = split if self.stage is not None else records_name(self.args.data, split)  # errors name the file
         if self.args.text:
-            return tokenize_text(self.records(split), self.tokenizer, self.args.max_length, where=where)
-        return tokenize_qa(self.records(split), self.tokenizer, self.template, self.args.max_length, where=where)
+            return tokenize_text(records, self.tokenizer, self.args.max_length, where=where)
+        return tokenize_qa(records, self.tokenizer, self.template, self.args.max_length, where=where)
 
     def eval_sets(self) -> dict | None:
         """TOFU's four eval sets, or None when the data has no perturbed answers to score (e.g. raw text)."""
@@ -759,16 +761,22 @@ def run_eval(args) -> int:
     return 0
 
 
-def finetune_settings(args) -> dict:
-    """How ``ceu finetune`` with ``args`` trains, as its ``finetune.json`` records it (beside the outcome): what tells
-    whether a saved model was made this way (``tools/real_demo.py`` reuses one only then). ``data_sha256`` digests
-    the records of the splits it trains on, so edited data tells whatever the files' times say."""
+def finetune_records(args) -> dict:
+    """The records of each split ``ceu finetune`` with ``args`` trains on, read once: the ones it digests
+    (:func:`finetune_settings`) are the ones it tokenizes."""
     from ceu.data import load_records
 
+    return {split: load_records(args.data, split) for split in args.split}
+
+
+def finetune_settings(args, records: dict) -> dict:
+    """How ``ceu finetune`` with ``args`` trains on ``records`` (:func:`finetune_records`), as its ``finetune.json``
+    records it (beside the outcome): what tells whether a saved model was made this way (``tools/real_demo.py`` reuses
+    one only then). ``data_sha256`` digests the records, so edited data tells whatever the files' times say."""
     template = prompt_template(args)
     digest = hashlib.sha256()
-    for split in args.split:
-        for record in load_records(args.data, split):
+    for split_records in records.values():
+        for record in split_records:
             digest.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
         digest.update(b"\0")  # where one split ends and the next begins
     return {"model": args.model, "data": args.data, "splits": args.split, "data_sha256": digest.hexdigest(),
@@ -786,10 +794,11 @@ def run_finetune(args) -> int:
     from ceu.finetune import fit
 
     start = time.perf_counter()
-    settings = finetune_settings(args)  # before training: the data as it is trained on
+    records = finetune_records(args)
+    settings = finetune_settings(args, records)
     job = Job(args)
     tokenizer = job.tokenizer
-    samples = [sample for split in args.split for sample in job.samples(split)]
+    samples = [sample for split, split_records in records.items() for sample in job.samples(split, split_records)]
     model = job.model("learned").to(local_device())
     print(f"fine-tuning {args.model} on {' + '.join(args.split)} of {args.data} ({len(samples)} QA): {args.epochs} "
           f"epochs, LR {args.lr:g}, batch {args.batch_size}")

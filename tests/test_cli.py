@@ -506,7 +506,8 @@ def test_the_real_demo_reuses_a_fine_tuned_folder_only_with_its_settings_and_dat
     assert fine_tune() == (1, "") and "--overwrite" not in runs[0]  # nothing saved yet
     argv = real_demo.finetune_argv(folder, "full", data, threads=1)
     assert runs[0] == argv
-    settings = cli.finetune_settings(build_parser().parse_args(argv))  # what ceu finetune records of them
+    args = build_parser().parse_args(argv)
+    settings = cli.finetune_settings(args, cli.finetune_records(args))  # what ceu finetune records of them
     digest = settings.pop("data_sha256")
     assert len(digest) == 64 and int(digest, 16) >= 0
     assert settings == {"model": str(tmp_path / "smollm2.gguf"), "data": str(data),

@@ -66,7 +66,8 @@ def fine_tune(folder: Path, split: str, data: Path, threads: int, say=print) -> 
 
     argv = finetune_argv(folder, split, data, threads)
     if (folder / "config.json").is_file():
-        settings = cli.finetune_settings(cli.build_parser().parse_args(argv))
+        args = cli.build_parser().parse_args(argv)
+        settings = cli.finetune_settings(args, cli.finetune_records(args))
         reason = refit_reason(folder, settings)
         if reason is None:
             say(f"reusing {folder}")
