@@ -8,16 +8,17 @@ dequantised; tied embeddings, V 49152) with 8 forget + 8 retain sequences of 256
 
     python -m benchmarks.e2e --shape smollm2-135m --threads 2
 
-runs every variant in a fresh process (peak memory from the resident set: :mod:`benchmarks.memory`) and prints a
-Markdown table: median time per step, speed against eager in the same run, and peak memory over the model+optimizer
-state (the probe starts once the AdamW state exists, with no gradient held), with its ratio to eager's: about 11
-minutes on 2 cores (each variant: 2 warm-up steps, then 3 timed, 25-45 s each).
-``--dry-run`` does the same on a tiny random-weight Llama in seconds; ``--batch``/``--seq-len`` shrink any shape.
-Every variant starts from the same weights and batches, so their first-step losses must agree.
+runs every variant in a fresh process (peak memory from the resident set: :mod:`benchmarks.memory`), :data:`ROUNDS`
+times in turn, and prints a Markdown table: median time per step, speed against eager (the median over rounds of the
+ratio within a round), and peak memory over the model+optimizer state (the probe starts once the AdamW state exists,
+with no gradient held), with its ratio to eager's: about 30 minutes on 2 cores (each process: 2 warm-up steps, then 2
+timed, 20-45 s each). ``--dry-run`` does the same on a tiny random-weight Llama in seconds; ``--batch``/``--seq-len``
+shrink any shape. Every variant starts from the same weights and batches, so their first-step losses must agree.
 """
 import argparse
 import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -33,14 +34,18 @@ from ceu.heads import enable_gradient_checkpointing, pdu_losses
 from ceu.schedule import parameter_groups
 
 from .memory import MemoryProbe
-from .shapes import TARGETS, verdict
-from .timing import Budget, time_op
+from .timing import Budget, rotation, speedups, spread, summarize, time_op
 
 ROWS_MARKER = "BENCH-E2E "
 WARMUP_STEPS = 2
 """Untimed steps before the timed ones, in every variant and method: on the 2-core CPU a step's time settles only by
 the third (SmolLM2-135M, one process, 2026-12-04: fused 38, 31, 26, 23, 23 s; eager 46, 33, 28, 28, 29 s), so a
 median over the first steps mostly times the warm-up."""
+ROUNDS = 3
+"""Fresh processes per variant where each variant runs in its own (the CPU), taken in turn round by round: a warmed
+step's time varies by about a fifth from process to process on the 2-core CPU (SmolLM2-135M, 2026-12-04, four fresh
+processes in turn, 2 warm-up steps each: eager 28.6 s, fused 21.5 s, eager 31.1 s, fused 27.2 s), so one process per
+variant can misread a ratio near its target; the speed-up is the median over rounds of the ratio within a round."""
 DUAL_INIT, EPSILON, DUAL_LR, LEARNING_RATE, WEIGHT_DECAY = 1.0, 2.0, 0.1, 1e-5, 0.01
 SMOLLM2 = "smollm2"  # ModelShape.llama for the real checkpoint instead of random weights
 
@@ -61,7 +66,7 @@ def _llama(hidden, intermediate, layers, heads, kv_heads, vocab) -> dict:
 
 
 E2E_SHAPES = {
-    "smollm2-135m": ModelShape("smollm2-135m", SMOLLM2, 8, 256, "float32", 3),
+    "smollm2-135m": ModelShape("smollm2-135m", SMOLLM2, 8, 256, "float32", 2),
     "llama-3.2-1b": ModelShape("llama-3.2-1b", _llama(2048, 8192, 16, 32, 8, 128256), 8, 1024, "bfloat16", 5),
     "tiny": ModelShape("tiny", _llama(32, 64, 2, 2, 1, 1000), 2, 16, "float32", 2),
 }
@@ -175,9 +180,53 @@ def run_variant(shape: ModelShape, variant: str, device: torch.device, impl: str
         row["status"] = "oom"
         return row
     row.update(loss_fgt=step.first_losses[0], loss_rtn=step.first_losses[1])  # the same weights for every variant
-    row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
-               peak_mb=probe.peak_mb, total_peak_mb=probe.total_peak_mb)
+    row.update(median_ms=timing.median_ms, step_ms=list(timing.samples_ms), peak_mb=probe.peak_mb,
+               total_peak_mb=probe.total_peak_mb)
     return row
+
+
+def run_rounds(run_one, rounds: int, log) -> list[dict]:
+    """``run_one(variant)`` for every variant once per round, in an order rotated every round; one row per variant
+    over all its rounds (:func:`combine_rounds`)."""
+    runs = {variant: [] for variant in VARIANTS}
+    for index in range(rounds):
+        for variant in rotation(list(VARIANTS), index):
+            row = run_one(variant)
+            runs[variant].append(row)
+            peak = "–" if row.get("peak_mb") is None else f"{row['peak_mb']:.0f}"
+            log(f"end-to-end round {index + 1}/{rounds}, {variant}: "
+                + (f"{row['median_ms']:.0f} ms, peak {peak} MiB" if row.get("status") == "ok" else row["status"]))
+    return combine_rounds(runs)
+
+
+def combine_rounds(runs: dict[str, list[dict]]) -> list[dict]:
+    """A variant's row from its rounds (``runs[variant][round]``, eager's among them): time percentiles over every
+    timed step of every round; ``speedup``, the median over rounds of eager's median step over this variant's in the
+    same round, and ``speedup_spread``, how those ratios scatter (given two rounds or more); peak memory, the median
+    over rounds. A variant with a failed round reports that failure."""
+    rows = []
+    for variant, variant_runs in runs.items():
+        failed = next((f"round {index + 1}: {run.get('status')}" for index, run in enumerate(variant_runs)
+                       if run.get("status") != "ok"), None)
+        if failed:
+            rows.append({**variant_runs[0], "status": failed if len(variant_runs) > 1 else variant_runs[0]["status"]})
+            continue
+        timing = summarize([ms for run in variant_runs for ms in run["step_ms"]])
+        peaks = [run["peak_mb"] for run in variant_runs]
+        totals = [run["total_peak_mb"] for run in variant_runs]
+        row = {key: value for key, value in variant_runs[0].items() if key != "step_ms"}
+        row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
+                   rounds=len(variant_runs), round_ms=[run["median_ms"] for run in variant_runs],
+                   round_peak_mb=peaks, peak_mb=None if None in peaks else statistics.median(peaks),
+                   total_peak_mb=None if None in totals else statistics.median(totals))
+        eager_runs = runs.get("eager", [])
+        if all(run.get("status") == "ok" for run in eager_runs) and len(eager_runs) == len(variant_runs):
+            times = {"eager": [run["median_ms"] for run in eager_runs], variant: row["round_ms"]}
+            row["speedup"] = speedups(times, "eager")[variant]
+            if len(variant_runs) > 1:
+                row["speedup_spread"] = spread(times, "eager", variant, repeat="round")
+        rows.append(row)
+    return rows
 
 
 def run_isolated(shape: str, variant: str, options: list[str], timeout_s: float) -> dict:
@@ -194,40 +243,6 @@ def run_isolated(shape: str, variant: str, options: list[str], timeout_s: float)
     return {"model": shape, "variant": variant, "status": f"failed: {error[:120]}"}
 
 
-def markdown_table(rows: list[dict], meta: str) -> str:
-    """The variants against eager (same run): time per step and peak memory over the model+optimizer state."""
-    ok = {row["variant"]: row for row in rows if row.get("status") == "ok"}
-    eager = ok.get("eager")
-    first = next(iter(ok.values()), rows[0])
-    out = [f"**PDU step**, `{first['model']}` ({first.get('params_m', float('nan')):.3g} M parameters), "
-           f"{first.get('tokens_per_batch', '?')} forget + as many retain tokens, {first.get('dtype', '?')}; {meta}",
-           "",
-           "| variant | step ms, median [p20–p80] | speed vs eager | peak MiB over model+optimizer | vs eager's peak "
-           "| total peak MiB | L_fgt | L_rtn |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        if row.get("status") != "ok":
-            out.append(f"| {row['variant']} | {row.get('status')} | – | – | – | – | – | – |")
-            continue
-        speed = f"{eager['median_ms'] / row['median_ms']:.2f}×" if eager else "–"
-        memory = f"{row['peak_mb'] / eager['peak_mb']:.2f}" if eager and eager.get("peak_mb") and row.get("peak_mb") \
-            else "–"
-        peak = "–" if row.get("peak_mb") is None else f"{row['peak_mb']:.0f}"
-        total = "–" if row.get("total_peak_mb") is None else f"{row['total_peak_mb']:.0f}"
-        out.append(f"| {row['variant']} | {row['median_ms']:.0f} [{row['p20_ms']:.0f}–{row['p80_ms']:.0f}] | {speed} "
-                   f"| {peak} | {memory} | {total} | {row['loss_fgt']:.4f} | {row['loss_rtn']:.4f} |")
-    if eager and "fused" in ok:
-        speed = eager["median_ms"] / ok["fused"]["median_ms"]
-        out.append(f"\nfused speed {speed:.2f}× eager (target {TARGETS['cpu_e2e_speed']}×: "
-                   f"{verdict('cpu_e2e_speed', speed)})")
-    if eager and eager.get("peak_mb") and ok.get("fused+checkpointing", {}).get("peak_mb"):
-        memory = ok["fused+checkpointing"]["peak_mb"] / eager["peak_mb"]
-        out.append(f"fused with gradient checkpointing: {memory:.2f} of eager's peak memory over the model+optimizer "
-                   f"state (target {TARGETS['cpu_e2e_checkpointed_memory']}: "
-                   f"{verdict('cpu_e2e_checkpointed_memory', memory)})")
-    return "\n".join(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,7 +254,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="sequences per batch (default: the shape's)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the shape's)")
     parser.add_argument("--dry-run", action="store_true", help="the tiny random-weight shape, to check the code")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per variant (default: 600)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"fresh processes per variant (default {ROUNDS})")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per process (default: 600)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,18 +266,21 @@ def main() -> None:
         row = run_variant(shape, args.variant, torch.device("cpu"), args.impl)
         print(ROWS_MARKER + json.dumps(row), flush=True)
         return
-    started, rows = time.perf_counter(), []
-    settings = {**overrides, "threads": args.threads}
+    from . import report
+
+    started = time.perf_counter()
+    settings = {**overrides, "threads": args.threads, "impl": args.impl if args.impl != "auto" else None}
     options = [f"--{name.replace('_', '-')}={value}" for name, value in settings.items() if value]
-    for variant in VARIANTS:
-        rows.append(run_isolated(shape.name, variant, options, args.timeout))
-        print(f"[{time.perf_counter() - started:5.0f} s] {variant}: "
-              + (f"{rows[-1]['median_ms']:.0f} ms" if rows[-1].get("status") == "ok" else rows[-1]["status"]),
-              file=sys.stderr, flush=True)
-    meta = (f"torch {torch.__version__}, {torch.get_num_threads() if not args.threads else args.threads} threads, "
-            f"{shape.steps} timed steps, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-            f"git {_git_sha()}")
-    print(markdown_table(rows, meta))
+
+    def log(message):
+        print(f"[{time.perf_counter() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+    rows = run_rounds(lambda variant: run_isolated(shape.name, variant, options, args.timeout), args.rounds, log)
+    print(f"torch {torch.__version__}, {torch.get_num_threads() if not args.threads else args.threads} threads, "
+          f"{args.rounds} rounds of {shape.steps} timed steps, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"git {_git_sha()}")
+    print(report.e2e_table(rows))
+    print("\n".join(report.e2e_key_ratios("cpu", rows)))
 
 
 def _git_sha() -> str:

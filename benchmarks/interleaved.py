@@ -27,6 +27,7 @@ from . import e2e, report
 from .micro import operation
 from .providers import PROVIDERS, make_inputs
 from .shapes import CPU_CE_TARGET_TOKENS, CPU_TARGET_TOKENS, TARGETS, case, verdict
+from .timing import rotation, speedups, spread
 
 BASELINE = "eager-fp32"
 MICRO_PROVIDERS = {"lmf": ("eager-fp32", "compile", "ceu-torch"),
@@ -41,7 +42,7 @@ def interleave(ops: dict, repeats: int, log) -> dict[str, list[float]]:
     names = list(ops)
     times = {name: [] for name in names}
     for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+        for name in rotation(names, repeat):
             gc.collect()
             start = time.perf_counter()
             result = ops[name]()
@@ -49,24 +50,6 @@ def interleave(ops: dict, repeats: int, log) -> dict[str, list[float]]:
             del result
         log(f"repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.0f} ms" for n in names))
     return times
-
-
-def ratios(times: dict[str, list[float]], baseline: str, name: str) -> list[float]:
-    """The baseline's time over ``name``'s, one per repeat (both timed in that repeat)."""
-    return [b / t for b, t in zip(times[baseline], times[name])]
-
-
-def speedups(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
-    """Median over repeats of the baseline's time over each op's, in the same repeat."""
-    return {name: statistics.median(ratios(times, baseline, name)) for name in times}
-
-
-def spread(times: dict[str, list[float]], baseline: str, name: str) -> str:
-    """How far the per-repeat ratios scatter around their median, and how many repeats ``name`` won: where the
-    median sits near a bound, whether it is a tie or a lead."""
-    per_repeat = ratios(times, baseline, name)
-    wins = sum(ratio > 1 for ratio in per_repeat)
-    return f"per repeat {min(per_repeat):.2f}–{max(per_repeat):.2f}, faster in {wins} of {len(per_repeat)}"
 
 
 def micro_case(loss: str, tokens: int, repeats: int, dry_run: bool, log) -> dict:

@@ -102,21 +102,20 @@ class Suite:
         return rows if isinstance(rows, list) else [{**case_row(case, provider, "full"), "status": rows}]
 
     def run_e2e(self) -> None:
-        for variant in e2e.VARIANTS:
-            if self.out_of_time():
-                self.log(f"end-to-end {variant}: not run, time budget spent")
-                continue
-            if self.isolate:
-                row = _run_marked([sys.executable, "-m", "benchmarks.e2e", "--shape", self.e2e_shape.name,
-                                   "--variant", variant], e2e.ROWS_MARKER)
-                row = row if isinstance(row, dict) else {"model": self.e2e_shape.name, "variant": variant,
-                                                         "status": row}
-            else:
-                row = e2e.run_variant(self.e2e_shape, variant, self.device)
-                _release(self.device)
-            self.e2e_rows.append(row)
-            self.log(f"end-to-end {variant}: " + (f"{row['median_ms']:.0f} ms, peak {row['peak_mb']:.0f} MiB"
-                                                  if row.get("status") == "ok" else row.get("status", "?")))
+        """Every PDU-step variant: on the CPU in fresh processes, :data:`benchmarks.e2e.ROUNDS` rounds in turn; on
+        the GPU once each, in this process."""
+        self.e2e_rows = e2e.run_rounds(self._e2e_variant, e2e.ROUNDS if self.isolate else 1, self.log)
+
+    def _e2e_variant(self, variant: str) -> dict:
+        if self.out_of_time():
+            return {"model": self.e2e_shape.name, "variant": variant, "status": "not run, time budget spent"}
+        if self.isolate:
+            row = _run_marked([sys.executable, "-m", "benchmarks.e2e", "--shape", self.e2e_shape.name,
+                               "--variant", variant], e2e.ROWS_MARKER)
+            return row if isinstance(row, dict) else {"model": self.e2e_shape.name, "variant": variant, "status": row}
+        row = e2e.run_variant(self.e2e_shape, variant, self.device)
+        _release(self.device)
+        return row
 
     def finish(self) -> str:
         report.add_ratios(self.rows)

@@ -1,4 +1,6 @@
-"""Wall time of one operation: warm-up, then repeats until a time budget, summarised as median and p20/p80.
+"""Wall time of one operation: warm-up, then repeats until a time budget, summarised as median and p20/p80; and
+speed-ups between operations timed in turn (a rotating order, ratios taken within each repeat), so that drift of the
+machine's speed between repeats hits both sides of a ratio alike.
 
 On a GPU each repeat is bracketed by CUDA events after a write that flushes the L2 cache (as
 ``triton.testing.do_bench`` does), so every repeat starts cold; on the CPU by ``time.perf_counter``, the operation
@@ -28,13 +30,39 @@ class Timing:
     p20_ms: float
     p80_ms: float
     reps: int
+    samples_ms: tuple[float, ...]
 
 
 def summarize(samples_ms: list[float]) -> Timing:
-    if len(samples_ms) == 1:
-        return Timing(samples_ms[0], samples_ms[0], samples_ms[0], 1)
-    deciles = statistics.quantiles(samples_ms, n=10, method="inclusive")
-    return Timing(statistics.median(samples_ms), deciles[1], deciles[7], len(samples_ms))
+    samples = tuple(samples_ms)
+    if len(samples) == 1:
+        return Timing(samples[0], samples[0], samples[0], 1, samples)
+    deciles = statistics.quantiles(samples, n=10, method="inclusive")
+    return Timing(statistics.median(samples), deciles[1], deciles[7], len(samples), samples)
+
+
+def rotation(names: list, repeat: int) -> list:
+    """The order of ``names`` in a given repeat: rotated by one every repeat, so none always runs first."""
+    shift = repeat % len(names)
+    return names[shift:] + names[:shift]
+
+
+def ratios(times: dict[str, list[float]], baseline: str, name: str) -> list[float]:
+    """The baseline's time over ``name``'s, one per repeat (both timed in that repeat)."""
+    return [b / t for b, t in zip(times[baseline], times[name])]
+
+
+def speedups(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Median over repeats of the baseline's time over each op's, in the same repeat."""
+    return {name: statistics.median(ratios(times, baseline, name)) for name in times}
+
+
+def spread(times: dict[str, list[float]], baseline: str, name: str, repeat: str = "repeat") -> str:
+    """How far the per-repeat ratios scatter around their median, and how many repeats ``name`` won: where the
+    median sits near a bound, whether it is a tie or a lead. ``repeat`` names what a repeat is."""
+    per_repeat = ratios(times, baseline, name)
+    wins = sum(ratio > 1 for ratio in per_repeat)
+    return f"per {repeat} {min(per_repeat):.2f}–{max(per_repeat):.2f}, faster in {wins} of {len(per_repeat)}"
 
 
 def time_op(op: Callable, device: torch.device, budget: Budget, setup: Callable | None = None,

@@ -1,12 +1,14 @@
-"""benchmarks/interleaved.py: each repeat runs every implementation once in a rotating order, and a speed-up is the
-median of per-repeat ratios (not a ratio of medians taken at different times)."""
+"""benchmarks/interleaved.py and the PDU step's rounds (benchmarks/e2e.py): each repeat (round) runs every
+implementation once in a rotating order, and a speed-up is the median of per-repeat ratios (not a ratio of medians
+taken at different times)."""
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.interleaved import interleave, speedups, spread  # noqa: E402
+from benchmarks.interleaved import interleave  # noqa: E402
+from benchmarks.timing import speedups, spread  # noqa: E402
 
 
 def test_every_repeat_runs_each_op_once_in_a_rotating_order():
@@ -29,6 +31,7 @@ def test_speedups_are_medians_of_per_repeat_ratios():
 def test_the_spread_gives_the_range_of_per_repeat_ratios_and_the_repeats_won():
     times = {"compile": [100.0, 300.0, 100.0, 90.0], "ours": [80.0, 200.0, 125.0, 90.0]}
     assert spread(times, "compile", "ours") == "per repeat 0.80–1.50, faster in 2 of 4"  # a tie is no win
+    assert spread(times, "compile", "ours", repeat="round") == "per round 0.80–1.50, faster in 2 of 4"
 
 
 # The verdicts of every report (report.key_ratios for the suites, interleaved.section, e2e's table) read one table,
@@ -65,11 +68,53 @@ def _row(loss, preset, tokens, dtype, provider, ms, peak=None, mode="full"):
 
 
 def _e2e_rows(speed: float, saving: float, checkpointed_share: float) -> list[dict]:
+    """The rows e2e.combine_rounds makes of one round of run_variant's."""
     def variant(name, ms, peak):
-        return {"model": "m", "variant": name, "status": "ok", "median_ms": ms, "p20_ms": ms, "p80_ms": ms,
-                "peak_mb": peak, "total_peak_mb": peak + 1000.0, "loss_fgt": 1.0, "loss_rtn": 1.0}
-    return [variant("eager", 1000.0, 1000.0), variant("fused", 1000.0 / speed, 1000.0 / saving),
-            variant("fused+checkpointing", 1000.0, 1000.0 * checkpointed_share)]
+        return {"model": "m", "variant": name, "status": "ok", "median_ms": ms, "step_ms": [ms], "peak_mb": peak,
+                "total_peak_mb": peak + 1000.0, "loss_fgt": 1.0, "loss_rtn": 1.0}
+    return e2e.combine_rounds({"eager": [variant("eager", 1000.0, 1000.0)],
+                               "fused": [variant("fused", 1000.0 / speed, 1000.0 / saving)],
+                               "fused+checkpointing": [variant("fused+checkpointing", 1000.0,
+                                                               1000.0 * checkpointed_share)]})
+
+
+def test_pdu_step_rounds_rotate_the_variants_and_take_the_speedup_within_each_round():
+    """Three rounds of fresh processes; the machine runs 1.5x slower in the second: the per-round ratios stay 1.25,
+    a ratio of pooled medians would not. Memory is the median over rounds; every timed step is pooled."""
+    calls, slow = [], {1: 1.5}
+    fused_peaks = iter([500.0, 900.0, 600.0])
+
+    def run_one(variant):
+        calls.append(variant)
+        round_index = len(calls[:-1]) // len(e2e.VARIANTS)
+        ms = slow.get(round_index, 1.0) * (1000.0 if variant.startswith("eager") else 800.0)
+        return {"model": "m", "variant": variant, "status": "ok", "median_ms": ms, "step_ms": [ms - 1, ms, ms + 1],
+                "peak_mb": next(fused_peaks) if variant == "fused" else 1000.0, "total_peak_mb": 3000.0,
+                "loss_fgt": 1.0, "loss_rtn": 2.0}
+
+    rows = {row["variant"]: row for row in e2e.run_rounds(run_one, 3, log=lambda message: None)}
+    variants = list(e2e.VARIANTS)
+    assert calls == variants + variants[1:] + variants[:1] + variants[2:] + variants[:2]
+    fused = rows["fused"]
+    assert fused["speedup"] == pytest.approx(1.25)
+    assert fused["speedup_spread"] == "per round 1.25–1.25, faster in 3 of 3"
+    # pooled steps 799, 799, 800, 800, 801, 801, 1199, 1200, 1201
+    assert fused["round_ms"] == [800.0, 1200.0, 800.0] and fused["median_ms"] == 801.0 and fused["reps"] == 9
+    assert fused["peak_mb"] == 600.0 and fused["round_peak_mb"] == [500.0, 900.0, 600.0]
+    assert "step_ms" not in fused and rows["eager"]["speedup"] == 1.0
+
+
+def test_a_failed_round_makes_the_variant_report_the_failure():
+    def run_one(variant, failing=iter([False, True])):
+        if variant == "fused" and next(failing):
+            return {"model": "m", "variant": variant, "status": "failed: boom"}
+        return {"model": "m", "variant": variant, "status": "ok", "median_ms": 10.0, "step_ms": [10.0],
+                "peak_mb": 1.0, "total_peak_mb": 2.0, "loss_fgt": 1.0, "loss_rtn": 2.0}
+
+    rows = {row["variant"]: row for row in e2e.run_rounds(run_one, 2, log=lambda message: None)}
+    assert rows["fused"]["status"] == "round 2: failed: boom"
+    assert rows["eager"]["status"] == "ok" and "speedup" not in rows["fused"]
+    assert "round 2: failed: boom" in report.e2e_table(list(rows.values()))
 
 
 def _cpu_rows(factor: float) -> list[dict]:
@@ -131,8 +176,8 @@ def test_every_reports_verdict_follows_the_shared_table(targets, factor, word):
     gpu = "\n".join(report.key_ratios("gpu", _gpu_rows(factor), _e2e_rows(
         _measured("gpu_e2e_speed", factor), _measured("gpu_e2e_memory_saving", factor), 1.0)))
     inter = _interleaved_text(factor)
-    table = e2e.markdown_table(_e2e_rows(_measured("cpu_e2e_speed", factor), 1.0,
-                                         _measured("cpu_e2e_checkpointed_memory", factor)), "meta")
+    rows = _e2e_rows(_measured("cpu_e2e_speed", factor), 1.0, _measured("cpu_e2e_checkpointed_memory", factor))
+    table = report.e2e_table(rows) + "\n" + "\n".join(report.e2e_key_ratios("cpu", rows))
     for name, text in [("cpu_lmf_speed", cpu), ("cpu_lmf_memory", cpu), ("cpu_ce_speed", cpu),
                        ("cpu_ce_vs_compile", cpu), ("cpu_ce_memory", cpu), ("cpu_e2e_speed", cpu),
                        ("cpu_e2e_checkpointed_memory", cpu), ("gpu_lmf_floor", gpu), ("gpu_lmf_speed", gpu),
