@@ -96,25 +96,10 @@ def write_csv(path: Path, columns: list[str], meta: dict, rows: list[dict]) -> N
             writer.writerow({**meta, **{k: _csv_value(v) for k, v in row.items()}})
 
 
-def read_csv(path: Path) -> list[dict]:
-    """Rows back with numbers as numbers (empty cells dropped), so tables and plots can be redrawn from a CSV."""
-    with open(path, newline="") as handle:
-        return [{k: _parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
-
-
 def _csv_value(value):
     if isinstance(value, list):
         return " ".join(str(_csv_value(item)) for item in value)
     return f"{value:.6g}" if isinstance(value, float) else value
-
-
-def _parse(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _ms(value) -> str:
