@@ -42,11 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from ceu.config import METHODS, UnlearnConfig
-from ceu.cross_entropy import linear_cross_entropy
 from ceu.data import IGNORE_INDEX, pad_batch
-from ceu.heads import (answer_token_losses, causal_lm, dataset_loss, final_hidden_states, forget_answer_mask,
-                       head_parameters, is_dtensor, pair_head_inputs, pdu_forget_loss, retain_nll, token_losses,
-                       token_mean)
+from ceu.heads import (answer_nll, answer_token_losses, causal_lm, dataset_loss, final_hidden_states,
+                       forget_answer_mask, head_parameters, is_dtensor, pair_head_inputs, pdu_forget_loss, token_losses)
 from ceu.lmf import linear_lmf_loss
 from ceu.primal_dual import PrimalDual
 
@@ -217,10 +215,7 @@ class Objective:
         if method == "pdu":
             return pdu_forget_loss(hidden, weight, bias, forget["labels"], config, scale)
         if method in ("gradascent", "graddiff"):  # −NLL_f, its token mean
-            targets = forget["labels"][:, 1:]
-            return -token_mean(lambda reduction: linear_cross_entropy(hidden[:, :-1], weight, targets, bias,
-                                                                      reduction=reduction, impl=config.impl),
-                               (targets != IGNORE_INDEX).sum(), scale, config.empty_batch)
+            return -answer_nll(hidden, weight, bias, forget["labels"], config, scale)
         losses, mask = token_losses(hidden, weight, bias, forget["labels"], config.impl)
         nll, lengths = losses.sum(1), mask.sum(1)  # float32 (float64 for float64 inputs)
         beta = self.settings["beta"]
@@ -236,7 +231,7 @@ class Objective:
         """Token-mean NLL (or KL to the starting model) over the retain answer tokens, from the retain batch's final
         hidden states ``[B, T, H]``; the starting model's forward, for the KL, runs here under ``no_grad``."""
         if self.config.retain_loss == "nll":
-            return retain_nll(hidden, weight, bias, retain["labels"], self.config, scale)
+            return answer_nll(hidden, weight, bias, retain["labels"], self.config, scale)
         hidden = hidden[:, :-1]
         with torch.no_grad():
             ref_hidden = final_hidden_states(self.reference_model, retain["input_ids"],

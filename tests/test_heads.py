@@ -7,6 +7,7 @@ import torch
 
 from ceu.config import UnlearnConfig
 from ceu.data import IGNORE_INDEX, pad_batch
+from ceu import heads
 from ceu.heads import final_hidden_states, lm_head, pdu_losses
 from helpers import assert_close, forbid_head_calls, qa_samples, tiny_model
 
@@ -40,6 +41,31 @@ def test_pdu_losses_match_materialised_logits_without_calling_the_head(kind):
     head = lm_head(model)
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     assert isinstance(lm_head(model), torch.nn.Linear)  # restored after the step
+
+
+def test_the_fused_losses_run_on_the_answer_rows_alone_with_the_references_gradients(monkeypatch):
+    """Prompt and padding rows never reach the fused losses (answer_rows), and every parameter's gradient is still
+    the materialised-logits reference's (zero through the dropped rows)."""
+    model = tiny_model("llama")
+    forget, retain = pad_batch(qa_samples(3), 0), pad_batch(qa_samples(3, seed=2), 0)
+    rows_seen = {}
+    for name in ("linear_lmf_loss", "linear_cross_entropy"):
+        def spy(hidden, *args, loss=getattr(heads, name), name=name, **kwargs):
+            rows_seen[name] = tuple(hidden.shape)
+            return loss(hidden, *args, **kwargs)
+        monkeypatch.setattr(heads, name, spy)
+    forget_loss, retain_loss = pdu_losses(model, forget, retain, UnlearnConfig(impl="torch"))
+    (forget_loss + retain_loss).backward()
+    fused = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    expected_forget, expected_retain = reference_losses(model, forget, retain)
+    (expected_forget.float() + expected_retain).backward()
+    hidden_size = model.config.hidden_size
+    assert rows_seen == {"linear_lmf_loss": (int((forget["labels"][:, 1:] != IGNORE_INDEX).sum()), hidden_size),
+                         "linear_cross_entropy": (int((retain["labels"][:, 1:] != IGNORE_INDEX).sum()), hidden_size)}
+    assert rows_seen["linear_lmf_loss"][0] < forget["labels"][:, 1:].numel()  # the prompts were dropped
+    for name, parameter in model.named_parameters():
+        assert_close(name, fused[name], parameter.grad, torch.float32)
 
 
 def test_final_hidden_states_are_what_the_head_sees():
