@@ -1,7 +1,7 @@
 """Benchmarks of ceu's fused LM-head losses against eager PyTorch, ``torch.compile``, the peers (Liger-Kernel,
 cut-cross-entropy) and the GEMM floor, plus one end-to-end PDU unlearning step.
 
-    python -m benchmarks cpu              # here, a few minutes; updates the CPU section of benchmarks/RESULTS.md
+    python -m benchmarks cpu              # here, about 45 minutes; updates the CPU section of benchmarks/RESULTS.md
     python -m benchmarks gpu              # on a CUDA machine, inside 10 minutes; the GPU section
     python -m benchmarks cpu --dry-run    # tiny shapes, every code path, writes only under benchmarks/out/
     pytest benchmarks/test_bench_cpu.py   # pytest-benchmark on small CPU cases (not part of `make test`)
