@@ -12,13 +12,13 @@ import gc
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from . import e2e
-
-MIB = 2**20
+from .memory import MIB
 
 
 def peak_live_bytes(memory_events: list[dict]) -> int:
@@ -39,7 +39,7 @@ def step_peak_live_mb(shape: e2e.ModelShape, variant: str, impl: str = "auto") -
         step()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         profiler.export_chrome_trace(trace.name)
-        events = json.load(open(trace.name))["traceEvents"]
+        events = json.loads(Path(trace.name).read_text())["traceEvents"]
     return peak_live_bytes([event for event in events if event.get("name") == "[memory]"]) / MIB
 
 
@@ -57,10 +57,10 @@ def main() -> None:
     for variant in args.variant or e2e.VARIANTS:
         peaks[variant] = step_peak_live_mb(shape, variant, args.impl)
         print(f"{variant}: peak live tensors over one step {peaks[variant]:.0f} MiB", file=sys.stderr, flush=True)
-    print(f"| variant | peak MiB of live tensors over one step | vs {next(iter(peaks))} |\n|---|---:|---:|")
-    first = next(iter(peaks.values()))
+    baseline_variant, baseline = next(iter(peaks.items()))
+    print(f"| variant | peak MiB of live tensors over one step | vs {baseline_variant} |\n|---|---:|---:|")
     for variant, peak in peaks.items():
-        print(f"| {variant} | {peak:.0f} | {peak / first:.2f} |")
+        print(f"| {variant} | {peak:.0f} | {peak / baseline:.2f} |")
 
 
 if __name__ == "__main__":
